@@ -1,0 +1,53 @@
+# finetune-operator developer entry points. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help setup demo test test-unit test-integration test-training verify lint typecheck \
+	crds crds-check cluster-up cluster-down
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+setup: ## Install Debian packages, .venv, kubectl/helm and the control-plane binaries (idempotent)
+	@hack/setup.sh
+
+demo: setup ## Local demo: control plane, simulated GPU nodes, the operator, one job per scheme
+	$(PY) hack/demo.py
+
+test: setup ## Every tier: unit, integration (local control plane), training (tiny models on CPU)
+	$(PY) -m pytest
+
+test-unit: setup ## Fast unit tests only
+	$(PY) -m pytest -m "not integration and not training"
+
+test-integration: setup ## Tests on the local control plane
+	$(PY) -m pytest -m integration
+
+test-training: setup ## Tiny-model training tests on CPU
+	$(PY) -m pytest -m training
+
+verify: setup lint typecheck crds-check ## ruff, ruff format, mypy and the CRD diff
+
+lint:
+	ruff check .
+	ruff format --check .
+
+typecheck:
+	mypy
+
+crds: ## Regenerate crds/ from the API models
+	$(PY) -m finetune_api.crd crds/finetunejobs.finetune.dev.yaml
+
+crds-check:
+	$(PY) -m finetune_api.crd $(VENV)/crd-check.yaml >/dev/null
+	diff -u crds/finetunejobs.finetune.dev.yaml $(VENV)/crd-check.yaml || \
+		{ echo "crds/ is stale: run 'make crds'"; exit 1; }
+
+cluster-up: setup ## Start the local control plane (.cluster/kubeconfig)
+	$(PY) hack/localcluster.py up .cluster
+
+cluster-down: ## Stop it
+	$(PY) hack/localcluster.py down .cluster

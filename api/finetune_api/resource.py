@@ -1,0 +1,500 @@
+"""The FineTuneJob custom resource: typed spec and status. The CRD is generated from these models.
+
+Kubernetes-side fields are camelCase (attributes are snake_case, aliases camelCase); the
+`training` block is Safe Synthesizer's snake_case `TrainingHyperparams`, unchanged.
+"""
+
+from __future__ import annotations
+
+import enum
+import posixpath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from finetune_api.training import TrainingHyperparams
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Kubernetes resource.Quantity, as the built-in types' OpenAPI schema writes it.
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+ResourceName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+Quantity = Annotated[
+    int | Annotated[str, Field(pattern=QUANTITY)],
+    Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
+]
+
+
+class KubeModel(BaseModel):
+    """Base for the Kubernetes-side models: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=to_camel, populate_by_name=True, validate_default=True
+    )
+
+
+class VolumePath(KubeModel):
+    """A path inside a PersistentVolumeClaim in the FineTuneJob's namespace."""
+
+    claim_name: Annotated[ResourceName, Field(description="Name of the PersistentVolumeClaim.")]
+    path: Annotated[
+        str,
+        Field(
+            min_length=1,
+            pattern=r"^[^/]",
+            description="Path inside the volume, relative to its root (no leading '/', no '..').",
+        ),
+    ]
+
+    @field_validator("path")
+    @classmethod
+    def _stays_inside(cls, value: str) -> str:
+        if ".." in value.split("/"):
+            raise ValueError("must stay inside the volume: '..' is not allowed")
+        return value
+
+    @property
+    def normalized_path(self) -> str:
+        """The path with redundant separators and '.' segments removed."""
+        return posixpath.normpath(self.path)
+
+    @property
+    def uri(self) -> str:
+        """A display form, pvc://CLAIM/PATH."""
+        return f"pvc://{self.claim_name}/{self.normalized_path}"
+
+
+class SecretKeyRef(KubeModel):
+    """A key of a Secret in the FineTuneJob's namespace."""
+
+    name: Annotated[ResourceName, Field(description="Name of the Secret.")]
+    key: Annotated[str, Field(min_length=1, description="Key in the Secret holding the value.")] = (
+        "token"
+    )
+
+
+class HubModel(KubeModel):
+    """Download the base model from the Hugging Face Hub."""
+
+    id: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description=(
+                "Hub model id, e.g. meta-llama/Llama-3.2-1B. Defaults to "
+                "spec.training.pretrained_model."
+            ),
+        ),
+    ] = None
+    revision: Annotated[
+        str | None,
+        Field(
+            min_length=1, description="Branch, tag or commit to pin; the default branch if unset."
+        ),
+    ] = None
+    token_secret_ref: Annotated[
+        SecretKeyRef | None,
+        Field(
+            description=(
+                "Secret key holding a Hub access token, for gated or private models. It reaches "
+                "the trainer as the HF_TOKEN environment variable and is never copied."
+            )
+        ),
+    ] = None
+
+
+class ModelSource(KubeModel):
+    """Where the base model comes from, and what the scheduler should know about its size."""
+
+    hub: Annotated[
+        HubModel | None, Field(description="Load the model from the Hugging Face Hub (default).")
+    ] = None
+    volume: Annotated[
+        VolumePath | None,
+        Field(
+            description=(
+                "Load the model from a directory on a PersistentVolumeClaim (for air-gapped "
+                "clusters). Exclusive with hub."
+            )
+        ),
+    ] = None
+    parameters_billions: Annotated[
+        float | None,
+        Field(
+            gt=0,
+            description=(
+                "Model size in billions of parameters, for the GPU memory estimate. Needed only "
+                "for models the operator's table does not know."
+            ),
+        ),
+    ] = None
+    trust_remote_code: Annotated[
+        bool,
+        Field(
+            description=(
+                "Allow the model repository's own Python code to run in the trainer. Off by default; "
+                "turn on only for sources you trust."
+            )
+        ),
+    ] = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if self.hub is not None and self.volume is not None:
+            raise ValueError("set either hub or volume, not both")
+        return self
+
+
+class DatasetFormat(enum.StrEnum):
+    """File formats the trainer reads."""
+
+    JSONL = "jsonl"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+
+
+class DatasetSource(VolumePath):
+    """The training data: one jsonl, csv or parquet file on a PersistentVolumeClaim."""
+
+    format: Annotated[
+        DatasetFormat | None,
+        Field(description="File format; inferred from the file extension when unset."),
+    ] = None
+    text_field: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description=(
+                "Column holding each record's full training text. Defaults to 'text' unless "
+                "promptField and completionField are set."
+            ),
+        ),
+    ] = None
+    prompt_field: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            description="Column holding the prompt; the loss is computed on the completion only.",
+        ),
+    ] = None
+    completion_field: Annotated[
+        str | None, Field(min_length=1, description="Column holding the completion to learn.")
+    ] = None
+    max_sequence_length: Annotated[
+        int,
+        Field(
+            ge=16,
+            le=1_048_576,
+            description="Longest training sequence in tokens; longer records are truncated.",
+        ),
+    ] = 2048
+
+    @model_validator(mode="after")
+    def _fields_consistent(self) -> DatasetSource:
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("promptField and completionField must be set together")
+        if self.prompt_field is not None and self.text_field is not None:
+            raise ValueError("set either textField or promptField/completionField, not both")
+        if self.format is None and self.inferred_format is None:
+            known = ", ".join(_EXTENSIONS)
+            raise ValueError(
+                f"format is unset and path {self.path!r} has no known extension ({known})"
+            )
+        return self
+
+    @property
+    def inferred_format(self) -> DatasetFormat | None:
+        extension = posixpath.splitext(self.path)[1].lower()
+        return DatasetFormat(_EXTENSIONS[extension]) if extension in _EXTENSIONS else None
+
+    @property
+    def resolved_format(self) -> DatasetFormat:
+        """The explicit format, else the one the extension names."""
+        resolved = self.format or self.inferred_format
+        assert resolved is not None  # guaranteed by the validator
+        return resolved
+
+    @property
+    def resolved_text_field(self) -> str | None:
+        """The text column, None when prompt/completion fields are used."""
+        if self.prompt_field is not None:
+            return None
+        return self.text_field or "text"
+
+
+class OutputTarget(VolumePath):
+    """Where the trained adapter, tokenizer and training summary are written."""
+
+
+class Resources(KubeModel):
+    """Compute for the training pod."""
+
+    gpus: Annotated[
+        int, Field(ge=1, le=16, description="GPUs for the training pod (nvidia.com/gpu).")
+    ] = 1
+    cpu: Annotated[Quantity | None, Field(description="CPU request and limit, e.g. 8.")] = None
+    memory: Annotated[
+        Quantity | None, Field(description="Memory request and limit, e.g. 64Gi.")
+    ] = None
+
+
+class Toleration(KubeModel):
+    """A Kubernetes toleration, as in a pod spec."""
+
+    key: Annotated[str | None, Field(description="Taint key; empty with Exists matches all.")] = (
+        None
+    )
+    operator: Annotated[
+        Literal["Exists", "Equal"] | None, Field(description="Exists or Equal (default Equal).")
+    ] = None
+    value: Annotated[str | None, Field(description="Taint value for Equal.")] = None
+    effect: Annotated[
+        Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
+        Field(description="Taint effect to match; all effects when unset."),
+    ] = None
+    toleration_seconds: Annotated[
+        int | None, Field(description="For NoExecute: how long the pod stays after the taint.")
+    ] = None
+
+
+class Placement(KubeModel):
+    """Extra scheduling constraints, merged with the GPU requirement the operator derives."""
+
+    node_selector: Annotated[
+        dict[str, str],
+        Field(description="Labels the node must carry, in addition to the GPU requirement."),
+    ] = Field(default_factory=dict)
+    tolerations: Annotated[
+        list[Toleration],
+        Field(description="Tolerations added to the nvidia.com/gpu toleration the pod always has."),
+    ] = Field(default_factory=list)
+    priority_class_name: Annotated[
+        str | None, Field(min_length=1, description="PriorityClass of the training pod.")
+    ] = None
+
+
+class FineTuneJobSpec(KubeModel):
+    """What to fine-tune, on which data, where to write the adapter, and on what hardware."""
+
+    training: Annotated[
+        TrainingHyperparams,
+        Field(description="Training hyperparameters (NeMo Safe Synthesizer's training block)."),
+    ] = Field(default_factory=TrainingHyperparams)
+    model: Annotated[ModelSource, Field(description="Where the base model comes from.")] = Field(
+        default_factory=ModelSource
+    )
+    dataset: Annotated[DatasetSource, Field(description="The training data.")]
+    output: Annotated[OutputTarget, Field(description="Where the adapter is written.")]
+    resources: Annotated[
+        Resources, Field(description="GPUs, CPU and memory for the training pod.")
+    ] = Field(default_factory=Resources)
+    placement: Annotated[
+        Placement, Field(description="Extra node selection, tolerations and priority.")
+    ] = Field(default_factory=Placement)
+    image: Annotated[
+        str | None,
+        Field(min_length=1, description="Trainer image; the operator's default when unset."),
+    ] = None
+    suspend: Annotated[
+        bool,
+        Field(description="While true no training pod runs; a running one is stopped."),
+    ] = False
+    backoff_limit: Annotated[
+        int,
+        Field(
+            ge=0,
+            le=100,
+            description="Pod retries before the job is Failed; a retry resumes from the last checkpoint.",
+        ),
+    ] = 2
+    active_deadline_seconds: Annotated[
+        int | None,
+        Field(ge=1, description="Wall-clock limit for the whole job; it fails when exceeded."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _one_model_name(self) -> FineTuneJobSpec:
+        hub_id = self.model.hub.id if self.model.hub else None
+        default_model = TrainingHyperparams.model_fields["pretrained_model"].default
+        named = self.training.pretrained_model
+        if hub_id is not None and named not in (default_model, hub_id):
+            raise ValueError(
+                f"model.hub.id {hub_id!r} and training.pretrained_model {named!r} name different "
+                "models: set only one"
+            )
+        return self
+
+    @property
+    def model_name(self) -> str:
+        """The model's name: model.hub.id when set, else training.pretrained_model."""
+        if self.model.hub is not None and self.model.hub.id is not None:
+            return self.model.hub.id
+        return self.training.pretrained_model
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class ConditionType(enum.StrEnum):
+    VALIDATED = "Validated"
+    SCHEDULED = "Scheduled"
+    RUNNING = "Running"
+    COMPLETE = "Complete"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    SPEC_CHANGED = "SpecChanged"
+
+
+class StatusModel(BaseModel):
+    """Base for status models: camelCase, and tolerant of fields written by newer versions."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+
+class Condition(StatusModel):
+    """One aspect of the job's state, in the Kubernetes condition convention."""
+
+    type: Annotated[
+        str,
+        Field(
+            description="Validated, Scheduled, Running, Complete, Failed, Suspended or SpecChanged."
+        ),
+    ]
+    status: Annotated[
+        Literal["True", "False", "Unknown"], Field(description="True, False or Unknown.")
+    ]
+    reason: Annotated[str, Field(description="CamelCase reason for the last transition.")] = ""
+    message: Annotated[str, Field(description="Human-readable detail.")] = ""
+    last_transition_time: Annotated[
+        str | None, Field(description="When status last changed (RFC 3339).")
+    ] = None
+    observed_generation: Annotated[
+        int | None, Field(description="metadata.generation this condition was computed from.")
+    ] = None
+
+
+class PlacementStatus(StatusModel):
+    """The GPU requirement derived from the spec, and where the training pod landed."""
+
+    scheme: Annotated[
+        str | None, Field(description="Resolved quantization scheme, or 'none' for plain LoRA.")
+    ] = None
+    required_compute_capability: Annotated[
+        str | None, Field(description="Lowest CUDA compute capability that can run the scheme.")
+    ] = None
+    architecture: Annotated[
+        str | None, Field(description="Oldest GPU architecture that qualifies, e.g. Hopper.")
+    ] = None
+    estimated_gpu_memory_mib: Annotated[
+        int | None,
+        Field(
+            alias="estimatedGpuMemoryMiB",
+            description="Estimated GPU memory per GPU in MiB (after max_vram_fraction).",
+        ),
+    ] = None
+    node: Annotated[str | None, Field(description="Node the training pod was bound to.")] = None
+    gpu_product: Annotated[
+        str | None, Field(description="The node's nvidia.com/gpu.product label.")
+    ] = None
+    node_compute_capability: Annotated[
+        str | None, Field(description="The node's GPU compute capability.")
+    ] = None
+
+
+class Progress(StatusModel):
+    """Live training progress, reported by the trainer."""
+
+    step: Annotated[int | None, Field(description="Optimizer steps done.")] = None
+    total_steps: Annotated[int | None, Field(description="Optimizer steps planned.")] = None
+    epoch: Annotated[float | None, Field(description="Epochs done (fractional).")] = None
+    loss: Annotated[float | None, Field(description="Latest training loss.")] = None
+    eval_loss: Annotated[float | None, Field(description="Latest validation loss.")] = None
+    percent: Annotated[int | None, Field(ge=0, le=100, description="Percent of steps done.")] = None
+    update_time: Annotated[str | None, Field(description="When the trainer last reported.")] = None
+
+
+class Result(StatusModel):
+    """What a successful run produced."""
+
+    adapter: Annotated[str | None, Field(description="Adapter location, pvc://CLAIM/PATH.")] = None
+    steps: Annotated[int | None, Field(description="Optimizer steps run.")] = None
+    records_seen: Annotated[int | None, Field(description="Training records consumed.")] = None
+    final_loss: Annotated[float | None, Field(description="Last training loss.")] = None
+    eval_loss: Annotated[float | None, Field(description="Last validation loss.")] = None
+    duration_seconds: Annotated[float | None, Field(description="Training wall time.")] = None
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state, written by the operator and the trainer only."""
+
+    phase: Annotated[
+        Phase | None, Field(description="Pending, Running, Succeeded, Failed or Suspended.")
+    ] = None
+    conditions: Annotated[
+        list[Condition], Field(description="Current conditions, one per type.")
+    ] = Field(default_factory=list)
+    observed_generation: Annotated[
+        int | None, Field(description="metadata.generation the status reflects.")
+    ] = None
+    job_name: Annotated[str | None, Field(description="Name of the training batch/v1 Job.")] = None
+    placement: Annotated[PlacementStatus | None, Field(description="GPU requirement and node.")] = (
+        None
+    )
+    progress: Annotated[Progress | None, Field(description="Live training progress.")] = None
+    result: Annotated[Result | None, Field(description="Adapter location and final metrics.")] = (
+        None
+    )
+    start_time: Annotated[str | None, Field(description="When the training pod started.")] = None
+    completion_time: Annotated[str | None, Field(description="When the job finished.")] = None
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class ObjectMeta(BaseModel):
+    """The few metadata fields the API uses; everything else is kept as is."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = ""
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+
+
+class FineTuneJob(BaseModel):
+    """A whole FineTuneJob object, as applied with kubectl or read from the API server."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Annotated[Literal["finetune.dev/v1alpha1"], Field(alias="apiVersion")] = (
+        "finetune.dev/v1alpha1"
+    )
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> FineTuneJob:
+        return cls.model_validate(obj)

@@ -1,0 +1,414 @@
+"""Training hyperparameters, field for field compatible with NeMo Safe Synthesizer's `training:` block.
+
+This module must stay importable without torch, transformers or kopf: the operator image has
+none of them. ML libraries are imported only inside `QuantizationScheme.to_transformers_config`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+# The values of `transformers.trainer_utils.SchedulerType`, kept here so that the API (and the CRD's
+# enum) does not need transformers. A trainer-tier test checks this list against transformers.
+LR_SCHEDULERS: tuple[str, ...] = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
+
+PEFT_IMPLEMENTATIONS: tuple[str, ...] = ("lora", "qlora", "loftq")
+
+
+class QuantizationScheme(enum.StrEnum):
+    """How the frozen base model's weights are quantized while the LoRA adapter trains."""
+
+    BNB_4BIT = "bnb-4bit"
+    BNB_8BIT = "bnb-8bit"
+    FP8 = "fp8"
+    NVFP4 = "nvfp4"
+    MXFP4 = "mxfp4"
+
+    @classmethod
+    def from_alias(cls, scheme: QuantizationScheme | str | int) -> QuantizationScheme:
+        """Return the scheme for a member, its string value, or a legacy bit count (4 or 8)."""
+        if isinstance(scheme, bool):  # bool is an int subclass; True is not a bit count
+            raise ValueError(f"Unknown quantization scheme: {scheme!r}")
+        if isinstance(scheme, int):
+            legacy = {4: cls.BNB_4BIT, 8: cls.BNB_8BIT}
+            if scheme not in legacy:
+                raise ValueError(f"Unknown quantization bit count {scheme!r}. Expected 4 or 8.")
+            return legacy[scheme]
+        return cls(scheme)
+
+    @property
+    def effective_bits(self) -> int:
+        """Bits stored per frozen base-model parameter, used by the memory estimate."""
+        return _EFFECTIVE_BITS[self]
+
+    @property
+    def is_bitsandbytes(self) -> bool:
+        """True for the bitsandbytes schemes, the ones QLoRA k-bit training and LoftQ support."""
+        return self in (QuantizationScheme.BNB_4BIT, QuantizationScheme.BNB_8BIT)
+
+    def to_transformers_config(self) -> QuantizationConfigMixin:
+        """Build the transformers `quantization_config` object for this scheme.
+
+        transformers (and torch / torchao where needed) are imported here, not at module level.
+        """
+        match self:
+            case QuantizationScheme.BNB_4BIT:
+                import torch
+                from transformers import BitsAndBytesConfig
+
+                return BitsAndBytesConfig(
+                    load_in_4bit=True,
+                    bnb_4bit_quant_type="nf4",
+                    bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16,
+                )
+            case QuantizationScheme.BNB_8BIT:
+                from transformers import BitsAndBytesConfig
+
+                return BitsAndBytesConfig(load_in_8bit=True)
+            case QuantizationScheme.FP8:
+                from transformers import FineGrainedFP8Config
+
+                return FineGrainedFP8Config()
+            case QuantizationScheme.NVFP4:
+                from torchao.prototype.mx_formats import NVFP4WeightOnlyConfig
+                from transformers import TorchAoConfig
+
+                return TorchAoConfig(quant_type=NVFP4WeightOnlyConfig())
+            case QuantizationScheme.MXFP4:
+                from transformers import Mxfp4Config
+
+                return Mxfp4Config()
+        raise ValueError(f"Unknown quantization scheme: {self!r}")  # pragma: no cover
+
+
+_EFFECTIVE_BITS: dict[QuantizationScheme, int] = {
+    QuantizationScheme.BNB_4BIT: 4,
+    QuantizationScheme.BNB_8BIT: 8,
+    QuantizationScheme.FP8: 8,
+    QuantizationScheme.NVFP4: 4,
+    QuantizationScheme.MXFP4: 4,
+}
+
+
+def _number_or_auto(kind: str) -> WrapValidator:
+    """One clear error for a value that is neither `kind` in range nor 'auto', instead of one error
+    per member of the union."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            if isinstance(value, bool):  # bool is an int subclass, never a count or a rate
+                raise ValueError
+            return handler(value)
+        except (ValidationError, ValueError) as exc:
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            if is_number and isinstance(exc, ValidationError):
+                # The number was of the right kind but out of range: report the range rule.
+                ranges = [e["msg"] for e in exc.errors() if e["type"] in _RANGE_ERRORS]
+                if ranges:
+                    raise PydanticCustomError(
+                        "number_or_auto", "{rule} (or 'auto')", {"rule": ranges[0]}
+                    ) from None
+            raise PydanticCustomError(
+                "number_or_auto", f"must be {kind} or 'auto', got {{value}}", {"value": repr(value)}
+            ) from None
+
+    return WrapValidator(validate)
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+# "auto" or a number: in the CRD these become int-or-string (or an equivalent structural form).
+AutoRecords = Annotated[
+    Annotated[int, Field(ge=0)] | Literal["auto"], _number_or_auto("an integer")
+]
+AutoLearningRate = Annotated[
+    Annotated[float, Field(gt=0, lt=1)] | Literal["auto"], _number_or_auto("a number")
+]
+AutoRopeFactor = Annotated[
+    Annotated[int, Field(ge=1)] | Literal["auto"] | None, _number_or_auto("null, an integer")
+]
+
+
+class TrainingHyperparams(BaseModel):
+    """Fine-tuning hyperparameters. Same names, defaults and ranges as NeMo Safe Synthesizer's
+    `training` configuration, so such a block can be pasted here unchanged."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    num_input_records_to_sample: Annotated[
+        AutoRecords,
+        Field(
+            description=(
+                "How many training records the model sees in total; it sets the length of training. "
+                "Equal to the dataset size it is about one epoch, larger means several (possibly "
+                "fractional) epochs, smaller a fraction of one. An integer >= 0, or 'auto' to derive "
+                "it from the dataset size."
+            ),
+        ),
+    ] = "auto"
+    batch_size: Annotated[
+        int,
+        Field(ge=1, description="Training examples per device in each forward pass. Must be >= 1."),
+    ] = 1
+    gradient_accumulation_steps: Annotated[
+        int,
+        Field(
+            ge=1,
+            description=(
+                "Forward/backward passes whose gradients are summed before each optimizer step; "
+                "raises the effective batch size without more GPU memory. Must be >= 1."
+            ),
+        ),
+    ] = 8
+    weight_decay: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description=(
+                "AdamW weight decay, applied to every weight except biases and LayerNorm weights. "
+                "Must be in (0, 1)."
+            ),
+        ),
+    ] = 0.01
+    warmup_ratio: Annotated[
+        float,
+        Field(
+            gt=0,
+            description=(
+                "Fraction of the total optimizer steps spent ramping the learning rate linearly up "
+                "from 0. Must be > 0."
+            ),
+        ),
+    ] = 0.05
+    lr_scheduler: Annotated[
+        str,
+        Field(
+            description=(
+                "Learning-rate schedule after warmup: one of the Hugging Face transformers "
+                "SchedulerType values (linear, cosine, constant, ...)."
+            ),
+            json_schema_extra={"enum": list(LR_SCHEDULERS)},
+        ),
+    ] = "cosine"
+    learning_rate: Annotated[
+        AutoLearningRate,
+        Field(
+            description=(
+                "Peak learning rate of the AdamW optimizer. Must be in (0, 1), or 'auto' for the "
+                "default of the model's family."
+            ),
+        ),
+    ] = "auto"
+    lora_r: Annotated[
+        int,
+        Field(
+            gt=0,
+            description=(
+                "Rank of the LoRA update matrices. A lower rank trains fewer parameters. Must be > 0."
+            ),
+        ),
+    ] = 32
+    lora_alpha_over_r: Annotated[
+        float,
+        Field(
+            ge=0.5,
+            le=3,
+            description=(
+                "LoRA alpha divided by the rank (alpha = lora_alpha_over_r x lora_r); 0.5, 1 and 2 "
+                "are the usual choices. Must be in [0.5, 3]."
+            ),
+        ),
+    ] = 1.0
+    lora_target_modules: Annotated[
+        list[str],
+        Field(
+            min_length=1,
+            description=(
+                "Names of the model's linear layers that receive LoRA adapters, e.g. q_proj, k_proj, "
+                "v_proj, o_proj, gate_proj, up_proj, down_proj. At least one."
+            ),
+        ),
+    ] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rope_scaling_factor: Annotated[
+        AutoRopeFactor,
+        Field(
+            description=(
+                "Stretch the base model's context window by this integer factor with RoPE scaling. "
+                "Must be >= 1; 'auto' scales only as far as the longest training sequence needs; "
+                "null disables RoPE scaling."
+            ),
+        ),
+    ] = "auto"
+    validation_ratio: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description=(
+                "Fraction of the records held out for validation. Must be in [0, 1]; 0 turns "
+                "validation off, anything larger reports an evaluation loss during training."
+            ),
+        ),
+    ] = 0.0
+    validation_steps: Annotated[
+        int,
+        Field(gt=0, description="Optimizer steps between two validation passes. Must be > 0."),
+    ] = 15
+    pretrained_model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description=(
+                "Base model to fine-tune: a Hugging Face Hub id or a local path. Defaults to "
+                "SmolLM3-3B. Only load models from sources you trust."
+            ),
+        ),
+    ] = "HuggingFaceTB/SmolLM3-3B"
+    quantize_model: Annotated[
+        bool,
+        Field(
+            description=(
+                "Load the frozen base model quantized (see quantization_scheme). Cuts GPU memory, "
+                "may cost some accuracy."
+            ),
+        ),
+    ] = False
+    quantization_bits: Annotated[
+        Literal[4, 8],
+        Field(
+            description=(
+                "Deprecated, use quantization_scheme. Bit width used when quantization_scheme is "
+                "unset: 4 means bnb-4bit, 8 means bnb-8bit."
+            ),
+            json_schema_extra={"deprecated": True},
+        ),
+    ] = 8
+    quantization_scheme: Annotated[
+        QuantizationScheme | None,
+        Field(
+            description=(
+                "Quantization scheme used when quantize_model is true: bnb-4bit, bnb-8bit, fp8, "
+                "nvfp4 or mxfp4. Unset falls back to quantization_bits. Only the bitsandbytes "
+                "schemes work with peft_implementation loftq."
+            ),
+        ),
+    ] = None
+    peft_implementation: Annotated[
+        str,
+        Field(
+            description=(
+                "Parameter-efficient fine-tuning method: 'lora' (plain LoRA), 'QLORA' (LoRA on a "
+                "k-bit prepared, quantized base) or 'loftq' (LoRA initialised with LoftQ). "
+                "Case-insensitive."
+            ),
+            json_schema_extra={"pattern": "^(?i:lora|qlora|loftq)$"},
+        ),
+    ] = "QLORA"
+    max_vram_fraction: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=1,
+            description=(
+                "Share of each GPU's memory training may use; raise it to fit longer sequences. "
+                "Must be in [0, 1]."
+            ),
+        ),
+    ] = 0.8
+    attn_implementation: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description=(
+                "Attention kernel used when loading the model: 'sdpa' (PyTorch scaled dot-product "
+                "attention, the portable default), 'eager', 'flash_attention_2', "
+                "'flash_attention_3', or a Hugging Face Kernels Hub path such as "
+                "'kernels-community/flash-attn2'."
+            ),
+        ),
+    ] = "sdpa"
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"must be one of {', '.join(LR_SCHEDULERS)}")
+        return value
+
+    @field_validator("peft_implementation")
+    @classmethod
+    def _known_peft(cls, value: str) -> str:
+        if value.lower() not in PEFT_IMPLEMENTATIONS:
+            raise ValueError("must be lora, QLORA or loftq (case-insensitive)")
+        return value
+
+    @field_validator("quantization_scheme", mode="before")
+    @classmethod
+    def _scheme_alias(cls, value: Any) -> Any:
+        return None if value is None else QuantizationScheme.from_alias(value)
+
+    @model_validator(mode="after")
+    def _loftq_needs_bitsandbytes(self) -> TrainingHyperparams:
+        scheme = self.quantization_scheme
+        if self.peft_method == "loftq" and scheme is not None and not scheme.is_bitsandbytes:
+            raise ValueError(
+                f"quantization_scheme {scheme.value} cannot be used with peft_implementation "
+                "loftq: LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)"
+            )
+        return self
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimizer step: batch_size x gradient_accumulation_steps."""
+        return self.batch_size * self.gradient_accumulation_steps
+
+    @property
+    def peft_method(self) -> str:
+        """peft_implementation in lower case: 'lora', 'qlora' or 'loftq'."""
+        return self.peft_implementation.lower()
+
+    @property
+    def resolved_quantization_scheme(self) -> QuantizationScheme | None:
+        """The scheme training uses: None unless quantize_model; else the explicit scheme, or the
+        one the deprecated quantization_bits names."""
+        if not self.quantize_model:
+            return None
+        if self.quantization_scheme is not None:
+            return self.quantization_scheme
+        return QuantizationScheme.from_alias(self.quantization_bits)
+
+    @property
+    def lora_alpha(self) -> float:
+        """LoRA alpha: lora_alpha_over_r x lora_r."""
+        return self.lora_alpha_over_r * self.lora_r

@@ -1,0 +1,292 @@
+"""A real, local Kubernetes control plane for tests and the demo.
+
+etcd, kube-apiserver (RBAC on), kube-scheduler and kube-controller-manager (without the node
+lifecycle controller, so simulated nodes stay Ready) listen on loopback. State and the admin
+kubeconfig live under a directory of the caller's choice (the repo's ignored `.cluster/`).
+
+    python hack/localcluster.py up [DIR]     # start, write DIR/kubeconfig, leave running
+    python hack/localcluster.py down [DIR]   # stop and remove the state
+
+Binaries: $KUBEBUILDER_ASSETS first (envtest convention), then the cache filled by
+hack/kube-binaries.sh (which builds them once from Debian's source package).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HACK = Path(__file__).resolve().parent
+REPO = HACK.parent
+DEFAULT_DIR = REPO / ".cluster"
+BINARIES = ("etcd", "kube-apiserver", "kube-scheduler", "kube-controller-manager")
+ADMIN_TOKEN = "finetune-local-admin"  # static token of the local, loopback-only admin user
+SERVICE_CIDR = "10.0.0.0/24"
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def find_binaries() -> dict[str, Path]:
+    """Locate the control-plane binaries, building the missing ones into the cache once."""
+    found: dict[str, Path] = {}
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets:
+        for name in BINARIES:
+            if (Path(assets) / name).is_file():
+                found[name] = Path(assets) / name
+    if len(found) < len(BINARIES):
+        result = subprocess.run(
+            ["bash", str(HACK / "kube-binaries.sh")], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"cannot provide Kubernetes binaries: {result.stderr.strip()}")
+        cache = Path(result.stdout.strip().splitlines()[-1])
+        for name in BINARIES:
+            found.setdefault(name, cache / name)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def _make_pki(pki: Path) -> None:
+    """A CA, a serving certificate for the API server, and the service-account signing key."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _openssl("genrsa", "-out", str(pki / "ca.key"), "2048")
+    _openssl(
+        "req", "-x509", "-new", "-nodes", "-key", str(pki / "ca.key"), "-days", "30",
+        "-subj", "/CN=finetune-local-ca", "-out", str(pki / "ca.crt"),
+    )  # fmt: skip
+    _openssl("genrsa", "-out", str(pki / "apiserver.key"), "2048")
+    _openssl(
+        "req", "-new", "-key", str(pki / "apiserver.key"), "-subj", "/CN=kube-apiserver",
+        "-out", str(pki / "apiserver.csr"),
+    )  # fmt: skip
+    (pki / "san.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+    )
+    _openssl(
+        "x509", "-req", "-in", str(pki / "apiserver.csr"), "-CA", str(pki / "ca.crt"),
+        "-CAkey", str(pki / "ca.key"), "-CAcreateserial", "-days", "30",
+        "-extfile", str(pki / "san.ext"), "-out", str(pki / "apiserver.crt"),
+    )  # fmt: skip
+    _openssl("genrsa", "-out", str(pki / "sa.key"), "2048")
+    _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
+
+
+@dataclass
+class LocalCluster:
+    """One local control plane rooted at `root`."""
+
+    root: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return str(json.loads((self.root / "endpoints.json").read_text())["server"])
+
+    def start(self, timeout: float = 120.0) -> LocalCluster:
+        if (self.root / "pids").exists():
+            raise ClusterError(f"a cluster already runs from {self.root}; run 'down' first")
+        bins = find_binaries()
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "logs").mkdir(parents=True)
+        pki = self.root / "pki"
+        _make_pki(pki)
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        server = f"https://127.0.0.1:{api_port}"
+        (self.root / "endpoints.json").write_text(json.dumps({"server": server}))
+        (self.root / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
+        self._write_kubeconfig(server, pki)
+
+        self._spawn("etcd", [
+            str(bins["etcd"]), "--data-dir", str(self.root / "etcd"), "--name", "local",
+            "--listen-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{etcd_port}",
+            "--listen-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster", f"local=http://127.0.0.1:{peer_port}",
+        ])  # fmt: skip
+        self._spawn("kube-apiserver", [
+            str(bins["kube-apiserver"]),
+            "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
+            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--secure-port", str(api_port),
+            "--tls-cert-file", str(pki / "apiserver.crt"),
+            "--tls-private-key-file", str(pki / "apiserver.key"),
+            "--client-ca-file", str(pki / "ca.crt"),
+            "--token-auth-file", str(self.root / "tokens.csv"),
+            "--authorization-mode", "RBAC",
+            "--service-cluster-ip-range", SERVICE_CIDR,
+            "--service-account-key-file", str(pki / "sa.pub"),
+            "--service-account-signing-key-file", str(pki / "sa.key"),
+            "--service-account-issuer", "https://kubernetes.default.svc",
+            "--allow-privileged=true",
+            "--enable-priority-and-fairness=false",
+        ])  # fmt: skip
+        self._wait_ready(server, timeout)
+        self._spawn("kube-scheduler", [
+            str(bins["kube-scheduler"]), "--kubeconfig", str(self.kubeconfig),
+            "--leader-elect=false", "--port=0", "--bind-address", "127.0.0.1",
+            "--secure-port", str(free_port()),
+        ])  # fmt: skip
+        self._spawn("kube-controller-manager", [
+            str(bins["kube-controller-manager"]), "--kubeconfig", str(self.kubeconfig),
+            "--leader-elect=false", "--port=0", "--bind-address", "127.0.0.1",
+            "--secure-port", str(free_port()),
+            # No kubelets report here: without nodelifecycle the simulated nodes stay Ready.
+            "--controllers", "*,-nodelifecycle,-attachdetach,-cloud-node-lifecycle",
+            "--service-account-private-key-file", str(pki / "sa.key"),
+            "--root-ca-file", str(pki / "ca.crt"),
+            "--use-service-account-credentials=true",
+        ])  # fmt: skip
+        self._wait_for_default_service_account(timeout)
+        return self
+
+    def stop(self) -> None:
+        """Stop every process of this cluster and remove its state."""
+        pid_file = self.root / "pids"
+        if pid_file.exists():
+            for line in reversed(pid_file.read_text().splitlines()):
+                _terminate(int(line.partition(" ")[2]))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        with open(self.root / "pids", "a") as pids:
+            pids.write(f"{name} {proc.pid}\n")
+
+    def _write_kubeconfig(self, server: str, pki: Path) -> None:
+        ca = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "local", "cluster": {"server": server, "certificate-authority-data": ca}}
+            ],
+            "users": [{"name": "admin", "user": {"token": ADMIN_TOKEN}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": "admin"}}],
+            "current-context": "local",
+        }
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.chmod(0o600)
+
+    def _request(self, server: str, path: str) -> tuple[int, bytes]:
+        context = ssl.create_default_context(cafile=str(self.root / "pki" / "ca.crt"))
+        req = urllib.request.Request(
+            server + path, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        )
+        try:
+            with urllib.request.urlopen(req, context=context, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def _wait_ready(self, server: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                if self._request(server, "/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise ClusterError(f"kube-apiserver not ready after {timeout:.0f}s; see {self.root}/logs")
+
+    def _wait_for_default_service_account(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        path = "/api/v1/namespaces/default/serviceaccounts/default"
+        while time.monotonic() < deadline:
+            self._check_alive()
+            status, body = self._request(self.server, path)
+            if status == 200 and json.loads(body).get("secrets"):
+                return
+            time.sleep(0.5)
+        raise ClusterError(
+            f"controller manager made no service account token; see {self.root}/logs"
+        )
+
+    def _check_alive(self) -> None:
+        for line in (self.root / "pids").read_text().splitlines():
+            name, _, pid = line.partition(" ")
+            try:
+                finished, _status = os.waitpid(int(pid), os.WNOHANG)
+            except ChildProcessError:
+                finished = 0 if _pid_alive(int(pid)) else int(pid)
+            if finished:
+                tail = (self.root / "logs" / f"{name}.log").read_text()[-2000:]
+                raise ClusterError(f"{name} exited during start-up:\n{tail}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _terminate(pid: int, grace: float = 10.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                return
+        except ChildProcessError:
+            if not _pid_alive(pid):
+                return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("up", "down"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    cluster = LocalCluster(Path(argv[1]).resolve() if len(argv) > 1 else DEFAULT_DIR)
+    if argv[0] == "up":
+        cluster.start()
+        print(f"cluster up: export KUBECONFIG={cluster.kubeconfig}")
+    else:
+        cluster.stop()
+        print("cluster down")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,160 @@
+"""The checked-in CRD is exactly what the models generate, and it is a structural schema."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from crdschema import CRD_FILE, schema_errors
+
+from finetune_api.crd import build_crd, render_crd
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_checked_in_crd_matches_the_models() -> None:
+    assert CRD_FILE.read_text() == render_crd(), "crds/ is stale: run `make crds`"
+
+
+def test_generator_cli_writes_the_same_file(tmp_path: Path) -> None:
+    target = tmp_path / "crd.yaml"
+    subprocess.run(
+        [sys.executable, "-m", "finetune_api.crd", str(target)], check=True, capture_output=True
+    )
+    assert target.read_text() == CRD_FILE.read_text()
+
+
+def walk(node: Any, path: str = "") -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    if isinstance(node, dict):
+        found.append((path, node))
+        for key, value in node.get("properties", {}).items():
+            found += walk(value, f"{path}.{key}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                found += walk(node[key], f"{path}[{key}]")
+    return found
+
+
+def test_schema_is_structural() -> None:
+    crd = build_crd()
+    version = crd["spec"]["versions"][0]
+    root = version["schema"]["openAPIV3Schema"]
+    text = yaml.safe_dump(crd)
+    assert "$ref" not in text and "x-kubernetes-validations" not in text and "anyOf" not in text
+    for path, node in walk(root):
+        has_type = "type" in node
+        special = node.get("x-kubernetes-int-or-string") or node.get(
+            "x-kubernetes-preserve-unknown-fields"
+        )
+        assert has_type or special, f"{path} has no type"
+        assert node.get("additionalProperties") is not False, path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert node.get(bound, True) is True, f"{path}: {bound} must be boolean (OpenAPI 3.0)"
+        if path:  # every field carries a description for `kubectl explain`
+            assert node.get("description") or path.endswith("]"), f"{path} has no description"
+
+
+def training_schema() -> dict[str, Any]:
+    root = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return dict(root["properties"]["spec"]["properties"]["training"]["properties"])
+
+
+def test_auto_fields_have_structural_forms() -> None:
+    training = training_schema()
+    records = training["num_input_records_to_sample"]
+    assert records["x-kubernetes-int-or-string"] is True and records["minimum"] == 0
+    assert records["pattern"] == "^auto$" and records["default"] == "auto"
+    rope = training["rope_scaling_factor"]
+    assert (
+        rope["x-kubernetes-int-or-string"] is True
+        and rope["nullable"] is True
+        and rope["minimum"] == 1
+    )
+    rate = training["learning_rate"]
+    assert rate["x-kubernetes-preserve-unknown-fields"] is True
+    assert (
+        rate["minimum"],
+        rate["maximum"],
+        rate["exclusiveMinimum"],
+        rate["exclusiveMaximum"],
+    ) == (0, 1, True, True)
+
+
+def test_bounds_and_defaults_come_from_the_model() -> None:
+    training = training_schema()
+    assert training["lora_r"] == {
+        **training["lora_r"],
+        "minimum": 0,
+        "exclusiveMinimum": True,
+        "default": 32,
+    }
+    assert (training["lora_alpha_over_r"]["minimum"], training["lora_alpha_over_r"]["maximum"]) == (
+        0.5,
+        3,
+    )
+    assert training["quantization_scheme"]["enum"] == [
+        "bnb-4bit",
+        "bnb-8bit",
+        "fp8",
+        "nvfp4",
+        "mxfp4",
+    ]
+    assert training["quantization_bits"]["enum"] == [4, 8]
+    assert training["lora_target_modules"]["default"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (
+        "lora_r" in training["lora_r"]["description"]
+        or "rank" in training["lora_r"]["description"].lower()
+    )
+
+
+def test_names_printer_columns_and_status() -> None:
+    crd = build_crd()
+    assert crd["metadata"]["name"] == "finetunejobs.finetune.dev"
+    assert crd["spec"]["names"]["shortNames"] == ["ftj"]
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    for name in ("Phase", "Scheme", "GPU-Arch", "Node", "Progress", "Loss", "Age"):
+        assert name in columns
+    status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+    assert status["x-kubernetes-preserve-unknown-fields"] is True
+    assert set(status["properties"]["phase"]["enum"]) == {
+        "Pending",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    }
+
+
+@pytest.mark.parametrize(
+    ("training", "field"),
+    [
+        ({"lora_r": 0}, "spec.training.lora_r"),
+        ({"learning_rate": 1.5}, "spec.training.learning_rate"),
+        ({"learning_rate": "fast"}, "spec.training.learning_rate"),
+        ({"num_input_records_to_sample": "many"}, "spec.training.num_input_records_to_sample"),
+        ({"quantization_scheme": "int4"}, "spec.training.quantization_scheme"),
+        ({"peft_implementation": "dora"}, "spec.training.peft_implementation"),
+        ({"lr_scheduler": "exp"}, "spec.training.lr_scheduler"),
+        ({"lora_rank": 3}, "spec.training"),
+    ],
+)
+def test_schema_rejects_bad_training_values(training: dict[str, Any], field: str) -> None:
+    obj = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "x"},
+        "spec": {
+            "dataset": {"claimName": "d", "path": "a.jsonl"},
+            "output": {"claimName": "o", "path": "a"},
+            "training": training,
+        },
+    }
+    errors = schema_errors(obj)
+    assert errors and errors[0].startswith(field), errors
