@@ -204,10 +204,8 @@ def build_crd() -> dict[str, Any]:
                                     "description": "Versioned schema of this object: finetune.dev/v1alpha1.",
                                 },
                                 "kind": {"type": "string", "description": "FineTuneJob."},
-                                "metadata": {
-                                    "type": "object",
-                                    "description": "Standard object metadata.",
-                                },
+                                # The API server allows nothing but the type here.
+                                "metadata": {"type": "object"},
                                 "spec": spec_schema,
                                 "status": status_schema,
                             },

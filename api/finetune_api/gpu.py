@@ -57,8 +57,8 @@ class ComputeCapability:
         return "pre-Pascal"
 
     def describe_minimum(self) -> str:
-        """E.g. "compute capability >= 9.0 (Hopper or newer)"."""
-        return f"compute capability >= {self} ({self.architecture} or newer)"
+        """E.g. "compute capability ≥ 9.0 (Hopper or newer)"."""
+        return f"compute capability ≥ {self} ({self.architecture} or newer)"
 
 
 # The documented defaults; the cluster admin can override them in the operator's settings.

@@ -1,0 +1,230 @@
+"""Simulated GPU nodes and a stand-in kubelet for the local control plane (tests and the demo).
+
+Nodes carry the labels NVIDIA GPU Feature Discovery writes and allocatable `nvidia.com/gpu`, so
+the real kube-scheduler places pods on them. `FakeKubelet` does what a kubelet would for pods bound
+to those nodes: reports them Running, finishes them with an exit code and termination message,
+completes graceful deletions, and can run a pod's container command as a local process with the
+pod's environment and volumes (`execute`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
+
+log = logging.getLogger("gpusim")
+SIM_LABEL = "finetune.dev/simulated"
+
+
+@dataclass(frozen=True)
+class GpuType:
+    product: str
+    major: int
+    minor: int
+    memory_mib: int
+    family: str
+
+
+GPU_TYPES: dict[str, GpuType] = {
+    "t4": GpuType("Tesla-T4", 7, 5, 15360, "turing"),
+    "a100": GpuType("NVIDIA-A100-SXM4-80GB", 8, 0, 81920, "ampere"),
+    "a10": GpuType("NVIDIA-A10", 8, 6, 23028, "ampere"),
+    "l40s": GpuType("NVIDIA-L40S", 8, 9, 46068, "ada-lovelace"),
+    "h100": GpuType("NVIDIA-H100-80GB-HBM3", 9, 0, 81559, "hopper"),
+    "b200": GpuType("NVIDIA-B200", 10, 0, 183359, "blackwell"),
+}
+
+
+def gfd_labels(gpu: GpuType, count: int) -> dict[str, str]:
+    return {
+        "nvidia.com/gpu.present": "true",
+        "nvidia.com/gpu.product": gpu.product,
+        "nvidia.com/gpu.compute.major": str(gpu.major),
+        "nvidia.com/gpu.compute.minor": str(gpu.minor),
+        "nvidia.com/gpu.memory": str(gpu.memory_mib),
+        "nvidia.com/gpu.family": gpu.family,
+        "nvidia.com/gpu.count": str(count),
+    }
+
+
+def create_gpu_node(core: client.CoreV1Api, name: str, gpu: GpuType, gpus: int = 1) -> None:
+    """A Ready node with GFD labels, `gpus` allocatable GPUs and the usual GPU taint."""
+    labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", SIM_LABEL: "true"}
+    labels.update(gfd_labels(gpu, gpus))
+    body = client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels))
+    core.create_node(body)
+    amounts = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    status = {
+        "status": {
+            "capacity": amounts,
+            "allocatable": amounts,
+            "conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "simulated",
+                 "lastHeartbeatTime": now, "lastTransitionTime": now},
+            ],
+        }
+    }  # fmt: skip
+    core.patch_node_status(name, status)
+    # The API server taints new nodes not-ready until a kubelet reports; no kubelet will here.
+    # Keep only the GPU taint GPU operators usually set.
+    taints = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
+    core.patch_node(name, {"spec": {"taints": taints}})
+
+
+def delete_node(core: client.CoreV1Api, name: str) -> None:
+    with contextlib.suppress(ApiException):
+        core.delete_node(name)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def pod_status_running(pod: Any) -> dict[str, Any]:
+    now = _now()
+    container = pod.spec.containers[0]
+    return {
+        "status": {
+            "phase": "Running",
+            "startTime": now,
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": now},
+                {"type": "Ready", "status": "True", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "True", "lastTransitionTime": now},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+            ],
+            "containerStatuses": [
+                {"name": container.name, "image": container.image, "imageID": "", "ready": True,
+                 "restartCount": 0, "started": True, "state": {"running": {"startedAt": now}}},
+            ],
+        }
+    }  # fmt: skip
+
+
+def pod_status_terminated(pod: Any, exit_code: int, message: str = "") -> dict[str, Any]:
+    now = _now()
+    container = pod.spec.containers[0]
+    started = now
+    for status in pod.status.container_statuses or []:
+        if status.state and status.state.running and status.state.running.started_at:
+            started = status.state.running.started_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+    terminated = {
+        "exitCode": exit_code,
+        "reason": "Completed" if exit_code == 0 else "Error",
+        "message": message,
+        "startedAt": started,
+        "finishedAt": now,
+    }
+    return {
+        "status": {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now},
+                {"type": "ContainersReady", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now},
+            ],
+            "containerStatuses": [
+                {"name": container.name, "image": container.image, "imageID": "", "ready": False,
+                 "restartCount": 0, "started": False, "state": {"terminated": terminated}},
+            ],
+        }
+    }  # fmt: skip
+
+
+class FakeKubelet:
+    """Plays the kubelet for simulated nodes, in a background thread.
+
+    auto_start: report bound pods Running as soon as they are bound.
+    runner: when set, called in a thread for each bound pod (e.g. to execute its command); it
+    returns (exit_code, termination_message) and the pod is finished with them.
+    """
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        auto_start: bool = True,
+        runner: Callable[[Any], tuple[int, str]] | None = None,
+    ) -> None:
+        self.core = client.CoreV1Api(api)
+        self.auto_start = auto_start
+        self.runner = runner
+        self._stop = threading.Event()
+        self._seen: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
+
+    def __enter__(self) -> FakeKubelet:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _simulated_nodes(self) -> set[str]:
+        nodes = self.core.list_node(label_selector=SIM_LABEL)
+        return {n.metadata.name for n in nodes.items}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                stream = watch.Watch()
+                for event in stream.stream(
+                    self.core.list_pod_for_all_namespaces, timeout_seconds=5
+                ):
+                    if self._stop.is_set():
+                        stream.stop()
+                        break
+                    self._handle(event["object"])
+            except Exception:  # keep playing the kubelet through API hiccups
+                log.exception("fake kubelet watch failed; retrying")
+                time.sleep(0.5)
+
+    def _handle(self, pod: Any) -> None:
+        node = pod.spec.node_name
+        if not node or node not in self._simulated_nodes():
+            return
+        key = pod.metadata.uid
+        if pod.metadata.deletion_timestamp is not None:
+            with contextlib.suppress(ApiException):
+                self.core.delete_namespaced_pod(
+                    pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
+                )
+            return
+        if key in self._seen or pod.status.phase in ("Succeeded", "Failed"):
+            return
+        self._seen.add(key)
+        if self.auto_start or self.runner is not None:
+            self.set_running(pod)
+        if self.runner is not None:
+            threading.Thread(target=self._run, args=(pod,), daemon=True).start()
+
+    def _run(self, pod: Any) -> None:
+        try:
+            exit_code, message = self.runner(pod) if self.runner else (0, "")
+        except Exception as exc:  # the runner itself broke: the container "crashed"
+            log.exception("runner failed")
+            exit_code, message = 128, f"simulated runtime error: {exc}"
+        self.finish(pod, exit_code, message)
+
+    def set_running(self, pod: Any) -> None:
+        self.core.patch_namespaced_pod_status(
+            pod.metadata.name, pod.metadata.namespace, pod_status_running(pod)
+        )
+
+    def finish(self, pod: Any, exit_code: int, message: str = "") -> None:
+        """End the pod's container with this exit code and termination message."""
+        fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+        self.core.patch_namespaced_pod_status(
+            pod.metadata.name,
+            pod.metadata.namespace,
+            pod_status_terminated(fresh, exit_code, message),
+        )

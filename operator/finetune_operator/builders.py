@@ -1,0 +1,327 @@
+"""Pure builders: a validated FineTuneJob in, the Kubernetes objects that run it out.
+
+Nothing here talks to the API server; everything is unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from dataclasses import dataclass
+
+import yaml
+from kubernetes.client import (
+    RbacV1Subject,
+    V1Capabilities,
+    V1ConfigMap,
+    V1ConfigMapVolumeSource,
+    V1Container,
+    V1EmptyDirVolumeSource,
+    V1EnvVar,
+    V1EnvVarSource,
+    V1Job,
+    V1JobSpec,
+    V1ObjectMeta,
+    V1OwnerReference,
+    V1PersistentVolumeClaimVolumeSource,
+    V1PodSecurityContext,
+    V1PodSpec,
+    V1PodTemplateSpec,
+    V1PolicyRule,
+    V1ResourceRequirements,
+    V1Role,
+    V1RoleBinding,
+    V1RoleRef,
+    V1SeccompProfile,
+    V1SecretKeySelector,
+    V1SecurityContext,
+    V1ServiceAccount,
+    V1Toleration,
+    V1Volume,
+    V1VolumeMount,
+)
+
+from finetune_api import trainer_config as tc
+from finetune_api.resource import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from finetune_operator.placement import GpuRequirement, node_affinity
+from finetune_operator.settings import Settings
+
+LABEL_UID = f"{GROUP}/job-uid"
+LABEL_NAME = f"{GROUP}/job-name"
+ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
+TRAINER_UID = 65532
+CACHE_DIR = "/cache"
+MAX_CHILD_NAME = 52  # leaves room for the 6 characters the Job controller appends to pod names
+
+
+@dataclass(frozen=True)
+class JobIdentity:
+    """The FineTuneJob the children belong to."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int | None = None
+
+
+def child_name(name: str, suffix: str) -> str:
+    """A deterministic child name that fits a DNS label (63) with room for pod suffixes."""
+    full = f"{name}-{suffix}"
+    if len(full) <= MAX_CHILD_NAME:
+        return full
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    keep = MAX_CHILD_NAME - len(suffix) - len(digest) - 2
+    return f"{name[:keep].rstrip('-.')}-{digest}-{suffix}"
+
+
+def job_name(name: str) -> str:
+    return child_name(name, "train")
+
+
+def config_map_name(name: str) -> str:
+    return child_name(name, "config")
+
+
+def trainer_account_name(name: str) -> str:
+    return child_name(name, "trainer")
+
+
+def spec_hash(spec: FineTuneJobSpec) -> str:
+    """Hash of everything that shapes the training run (suspend is handled live, so left out)."""
+    data = spec.model_dump(mode="json", by_alias=True, exclude={"suspend"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def labels(job: JobIdentity) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "finetune-trainer",
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        "app.kubernetes.io/instance": child_name(job.name, "ftj")[:63].rstrip("-."),
+        LABEL_UID: job.uid,
+    }
+
+
+def _metadata(
+    job: JobIdentity, name: str, annotations: dict[str, str] | None = None
+) -> V1ObjectMeta:
+    owner = V1OwnerReference(
+        api_version=API_VERSION,
+        kind=KIND,
+        name=job.name,
+        uid=job.uid,
+        controller=True,
+        block_owner_deletion=True,
+    )
+    return V1ObjectMeta(
+        name=name,
+        namespace=job.namespace,
+        labels=labels(job),
+        annotations={LABEL_NAME: job.name, **(annotations or {})},
+        owner_references=[owner],
+    )
+
+
+def _claim_mount(claim: str) -> str:
+    return posixpath.join(tc.PVC_MOUNT_ROOT, claim)
+
+
+def trainer_config(
+    job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
+) -> tc.TrainerConfig:
+    """The resolved configuration the trainer reads, with paths as mounted in the pod."""
+    model_path = None
+    if spec.model.volume is not None:
+        volume = spec.model.volume
+        model_path = posixpath.join(_claim_mount(volume.claim_name), volume.normalized_path)
+    return tc.TrainerConfig(
+        job=tc.JobRef(
+            name=job.name, namespace=job.namespace, uid=job.uid, generation=job.generation
+        ),
+        spec=spec,
+        paths=tc.TrainerPaths(
+            model=model_path,
+            dataset=posixpath.join(
+                _claim_mount(spec.dataset.claim_name), spec.dataset.normalized_path
+            ),
+            output=posixpath.join(
+                _claim_mount(spec.output.claim_name), spec.output.normalized_path
+            ),
+        ),
+        min_compute_capability=str(requirement.min_capability),
+        adapter_uri=spec.output.uri,
+    )
+
+
+def build_config_map(
+    job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
+) -> V1ConfigMap:
+    config = trainer_config(job, spec, requirement)
+    text = yaml.safe_dump(
+        config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+    )
+    return V1ConfigMap(
+        metadata=_metadata(job, config_map_name(job.name)), data={tc.CONFIG_KEY: text}
+    )
+
+
+def build_service_account(job: JobIdentity) -> V1ServiceAccount:
+    return V1ServiceAccount(metadata=_metadata(job, trainer_account_name(job.name)))
+
+
+def build_role(job: JobIdentity) -> V1Role:
+    """The trainer may read and patch the status of its own FineTuneJob, nothing else."""
+    rule = V1PolicyRule(
+        api_groups=[GROUP],
+        resources=[f"{PLURAL}/status"],
+        resource_names=[job.name],
+        verbs=["get", "patch"],
+    )
+    return V1Role(metadata=_metadata(job, trainer_account_name(job.name)), rules=[rule])
+
+
+def build_role_binding(job: JobIdentity) -> V1RoleBinding:
+    name = trainer_account_name(job.name)
+    return V1RoleBinding(
+        metadata=_metadata(job, name),
+        role_ref=V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+        subjects=[RbacV1Subject(kind="ServiceAccount", name=name, namespace=job.namespace)],
+    )
+
+
+def _volumes(spec: FineTuneJobSpec, config_map: str) -> tuple[list[V1Volume], list[V1VolumeMount]]:
+    """ConfigMap, one volume per distinct claim (read-only unless written), and emptyDirs for the
+    paths a read-only root filesystem still needs writable."""
+    writable = {spec.output.claim_name}
+    claims = [spec.dataset.claim_name, spec.output.claim_name]
+    if spec.model.volume is not None:
+        claims.insert(0, spec.model.volume.claim_name)
+    volumes = [V1Volume(name="config", config_map=V1ConfigMapVolumeSource(name=config_map))]
+    mounts = [V1VolumeMount(name="config", mount_path=tc.CONFIG_MOUNT, read_only=True)]
+    for index, claim in enumerate(dict.fromkeys(claims)):
+        read_only = claim not in writable
+        volumes.append(
+            V1Volume(
+                name=f"pvc-{index}",
+                persistent_volume_claim=V1PersistentVolumeClaimVolumeSource(
+                    claim_name=claim, read_only=read_only
+                ),
+            )
+        )
+        mounts.append(
+            V1VolumeMount(name=f"pvc-{index}", mount_path=_claim_mount(claim), read_only=read_only)
+        )
+    scratch = {"tmp": ("/tmp", None), "cache": (CACHE_DIR, None), "shm": ("/dev/shm", "Memory")}
+    for name, (path, medium) in scratch.items():
+        volumes.append(V1Volume(name=name, empty_dir=V1EmptyDirVolumeSource(medium=medium)))
+        mounts.append(V1VolumeMount(name=name, mount_path=path))
+    return volumes, mounts
+
+
+def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1EnvVar]:
+    env = [
+        V1EnvVar(name=tc.ENV_JOB_NAME, value=job.name),
+        V1EnvVar(name=tc.ENV_JOB_NAMESPACE, value=job.namespace),
+        V1EnvVar(name=tc.ENV_REPORT, value="true" if settings.status_reporting else "false"),
+        V1EnvVar(name="HF_HOME", value=f"{CACHE_DIR}/huggingface"),
+        V1EnvVar(name="TRITON_CACHE_DIR", value=f"{CACHE_DIR}/triton"),
+        V1EnvVar(name="TMPDIR", value="/tmp"),
+    ]
+    hub = spec.model.hub
+    if hub is not None and hub.token_secret_ref is not None:
+        ref = hub.token_secret_ref
+        env.append(
+            V1EnvVar(
+                name="HF_TOKEN",
+                value_from=V1EnvVarSource(
+                    secret_key_ref=V1SecretKeySelector(name=ref.name, key=ref.key)
+                ),
+            )
+        )
+    if spec.model.volume is not None:
+        env.append(V1EnvVar(name="HF_HUB_OFFLINE", value="1"))
+    return env
+
+
+def _resources(spec: FineTuneJobSpec, settings: Settings) -> V1ResourceRequirements:
+    amounts: dict[str, str] = {settings.gpu_resource: str(spec.resources.gpus)}
+    cpu = spec.resources.cpu if spec.resources.cpu is not None else settings.default_cpu
+    memory = spec.resources.memory if spec.resources.memory is not None else settings.default_memory
+    if cpu is not None:
+        amounts["cpu"] = str(cpu)
+    if memory is not None:
+        amounts["memory"] = str(memory)
+    return V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts))
+
+
+def _tolerations(spec: FineTuneJobSpec, settings: Settings) -> list[V1Toleration]:
+    tolerations = [V1Toleration(key=settings.gpu_taint_key, operator="Exists", effect="NoSchedule")]
+    for t in spec.placement.tolerations:
+        tolerations.append(
+            V1Toleration(
+                key=t.key,
+                operator=t.operator,
+                value=t.value,
+                effect=t.effect,
+                toleration_seconds=t.toleration_seconds,
+            )
+        )
+    return tolerations
+
+
+def build_job(
+    job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement, settings: Settings
+) -> V1Job:
+    """The batch/v1 Job that trains: one pod, restricted Pod Security, placed by GPU affinity."""
+    volumes, mounts = _volumes(spec, config_map_name(job.name))
+    container = V1Container(
+        name="trainer",
+        image=spec.image or settings.trainer_image,
+        image_pull_policy=settings.image_pull_policy,
+        args=["--job", posixpath.join(tc.CONFIG_MOUNT, tc.CONFIG_KEY)],
+        env=_env(job, spec, settings),
+        resources=_resources(spec, settings),
+        volume_mounts=mounts,
+        termination_message_path=tc.TERMINATION_MESSAGE_PATH,
+        termination_message_policy="FallbackToLogsOnError",
+        security_context=V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=V1Capabilities(drop=["ALL"]),
+            read_only_root_filesystem=True,
+            run_as_non_root=True,
+            run_as_user=TRAINER_UID,
+            run_as_group=TRAINER_UID,
+            seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+        ),
+    )
+    pod = V1PodSpec(
+        containers=[container],
+        restart_policy="Never",
+        service_account_name=trainer_account_name(job.name) if settings.status_reporting else None,
+        automount_service_account_token=settings.status_reporting,
+        security_context=V1PodSecurityContext(
+            run_as_non_root=True,
+            run_as_user=TRAINER_UID,
+            run_as_group=TRAINER_UID,
+            fs_group=TRAINER_UID,
+            seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+        ),
+        affinity=node_affinity(requirement, settings.labels),
+        node_selector=dict(spec.placement.node_selector) or None,
+        tolerations=_tolerations(spec, settings),
+        priority_class_name=spec.placement.priority_class_name,
+        volumes=volumes,
+    )
+    template_meta = V1ObjectMeta(labels=labels(job), annotations={LABEL_NAME: job.name})
+    return V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=_metadata(job, job_name(job.name), {ANNOTATION_SPEC_HASH: spec_hash(spec)}),
+        spec=V1JobSpec(
+            backoff_limit=spec.backoff_limit,
+            active_deadline_seconds=spec.active_deadline_seconds,
+            completions=1,
+            parallelism=0 if spec.suspend else 1,
+            template=V1PodTemplateSpec(metadata=template_meta, spec=pod),
+        ),
+    )

@@ -1,0 +1,69 @@
+"""Every kopf decorator of the operator, and nothing else: each handler is a call or two.
+
+`configure()` must run before kopf starts (main does it): it installs the settings and the
+Reconciler the handlers use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, cast
+
+import kopf
+
+from finetune_api.resource import GROUP, PLURAL, VERSION
+from finetune_operator.builders import LABEL_NAME, LABEL_UID
+from finetune_operator.kube import Kube, load_config
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import Settings
+
+FTJ = (GROUP, VERSION, PLURAL)
+CHILD_LABELS: dict[str, Any] = {LABEL_UID: kopf.PRESENT}
+_state: dict[str, Any] = {}
+
+
+def configure(settings: Settings) -> None:
+    load_config()
+    _state["settings"] = settings
+    _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+
+
+def _reconciler() -> Reconciler:
+    reconciler: Reconciler = _state["reconciler"]
+    return reconciler
+
+
+def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    kopf.event(kopf.Body(cast(Any, dict(body))), type=type_, reason=reason, message=message[:1024])
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Keep kopf's bookkeeping in annotations under our prefix: status stays ours, and only
+    # warnings from kopf itself become Events (our phase transitions post their own).
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 8
+
+
+@kopf.on.resume(*FTJ)
+@kopf.on.create(*FTJ)
+@kopf.on.update(*FTJ, field="spec")
+def reconcile(body: kopf.Body, **_: Any) -> None:
+    _reconciler().reconcile(body)
+
+
+@kopf.timer(*FTJ, interval=60, initial_delay=60, idle=None)
+def resync(body: kopf.Body, **_: Any) -> None:
+    """A safety net for missed watch events: recompute the status once a minute."""
+    _reconciler().reconcile(body)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+def child_changed(body: kopf.Body, **_: Any) -> None:
+    owner = (body.metadata.annotations or {}).get(LABEL_NAME)
+    if owner and body.metadata.namespace:
+        _reconciler().refresh(body.metadata.namespace, owner)

@@ -1,0 +1,171 @@
+"""Reconciliation: make the children exist, then make the status tell the truth.
+
+Both entry points are idempotent and level-triggered, so a restart at any point converges to the
+same state: children have deterministic names and are created only when missing (an operator
+killed between two steps never makes a second Job), and the status is recomputed from scratch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_api.errors import format_validation_error
+from finetune_api.resource import FineTuneJobSpec, FineTuneJobStatus
+from finetune_operator import builders
+from finetune_operator.builders import JobIdentity
+from finetune_operator.kube import Kube
+from finetune_operator.observe import JobView, PodView
+from finetune_operator.placement import GpuRequirement, diagnose_unschedulable, gpu_requirement
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observation, Transition, derive, hopeless_pod
+
+log = logging.getLogger(__name__)
+
+# Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
+EventSink = Callable[[Mapping[str, Any], str, str, str], None]
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def identity(body: Mapping[str, Any]) -> JobIdentity:
+    meta = body["metadata"]
+    return JobIdentity(
+        name=meta["name"],
+        namespace=meta["namespace"],
+        uid=meta["uid"],
+        generation=meta.get("generation"),
+    )
+
+
+def parse_spec(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:
+    """The typed spec, or the one-line validation error."""
+    try:
+        return FineTuneJobSpec.model_validate(body.get("spec") or {}), None
+    except ValidationError as exc:
+        return None, format_validation_error(exc, "spec")
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, kube: Kube, events: EventSink) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.events = events
+        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._locks_guard = threading.Lock()
+
+    def _lock(self, uid: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks[uid]
+
+    def reconcile(self, body: Mapping[str, Any]) -> None:
+        """FineTuneJob created, changed or seen at start-up: ensure children, refresh status."""
+        job = identity(body)
+        with self._lock(job.uid):
+            spec, invalid = parse_spec(body)
+            if spec is None:
+                log.warning("%s/%s is invalid: %s", job.namespace, job.name, invalid)
+                self._write_status(
+                    body, Observation(generation=job.generation, now=now(), invalid=invalid)
+                )
+                return
+            requirement = gpu_requirement(spec, self.settings)
+            self._ensure_children(job, spec, requirement)
+            self._refresh(body, spec, requirement)
+
+    def refresh(self, namespace: str, name: str) -> None:
+        """A child changed: recompute the owner's status."""
+        body = self.kube.get_finetunejob(namespace, name)
+        if body is None:
+            return
+        job = identity(body)
+        with self._lock(job.uid):
+            spec, _invalid = parse_spec(body)
+            if spec is not None:
+                self._refresh(body, spec, gpu_requirement(spec, self.settings))
+
+    def _ensure_children(
+        self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
+    ) -> None:
+        children: list[Any] = []
+        if self.settings.status_reporting:
+            children += [
+                builders.build_service_account(job),
+                builders.build_role(job),
+                builders.build_role_binding(job),
+            ]
+        children.append(builders.build_config_map(job, spec, requirement))
+        children.append(builders.build_job(job, spec, requirement, self.settings))
+        for child in children:
+            if self.kube.create_if_missing(child):
+                log.info(
+                    "created %s %s/%s",
+                    child.kind or type(child).__name__,
+                    job.namespace,
+                    child.metadata.name,
+                )
+
+    def _refresh(
+        self, body: Mapping[str, Any], spec: FineTuneJobSpec, requirement: GpuRequirement
+    ) -> None:
+        job = identity(body)
+        api_job = self.kube.get_job(job.namespace, builders.job_name(job.name))
+        job_view = JobView.from_api(api_job) if api_job is not None else None
+        pods = tuple(PodView.from_api(p) for p in self.kube.list_pods(job.namespace, job.uid))
+        newest = max(pods, key=lambda p: (p.created, p.name), default=None)
+        node = diagnosis = None
+        if newest is not None and newest.node is not None:
+            node = self.kube.gpu_node(newest.node, self.settings.labels)
+        elif newest is not None and newest.unschedulable is not None:
+            nodes = self.kube.gpu_nodes(self.settings.labels)
+            diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
+        if job_view is not None:
+            self._apply_run_control(job, spec, job_view, pods)
+        obs = Observation(
+            generation=job.generation,
+            now=now(),
+            requirement=requirement,
+            job=job_view,
+            pods=pods,
+            node=node,
+            diagnosis=diagnosis,
+            suspend=spec.suspend,
+            spec_changed=job_view is not None and job_view.spec_hash != builders.spec_hash(spec),
+            adapter_uri=spec.output.uri,
+        )
+        self._write_status(body, obs)
+
+    def _apply_run_control(
+        self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView, pods: tuple[PodView, ...]
+    ) -> None:
+        """Honour spec.suspend live, and stop retries the trainer said cannot succeed."""
+        finished = view.complete_time is not None or view.failed_reason is not None
+        wanted = 0 if spec.suspend or hopeless_pod(pods) is not None else 1
+        if not finished and view.parallelism != wanted:
+            self.kube.set_job_parallelism(job.namespace, view.name, wanted)
+
+    def _write_status(self, body: Mapping[str, Any], obs: Observation) -> None:
+        meta = body["metadata"]
+        previous = FineTuneJobStatus.model_validate(body.get("status") or {})
+        status, transitions = derive(previous, obs)
+        new = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        old = previous.model_dump(mode="json", by_alias=True, exclude_none=True)
+        old.pop("progress", None)  # the trainer's part
+        if new != old:
+            self.kube.patch_finetunejob_status(meta["namespace"], meta["name"], new)
+        for transition in transitions:
+            self._announce(body, transition)
+
+    def _announce(self, body: Mapping[str, Any], transition: Transition) -> None:
+        try:
+            self.events(body, transition.type, transition.reason, transition.message)
+        except Exception:  # an Event is best effort; never fail the reconciliation for it
+            log.exception("could not post event %s", transition.reason)

@@ -1,0 +1,268 @@
+"""The FineTuneJob status, derived level-triggered from what exists (pure functions).
+
+Given the validation outcome, the GPU requirement, the training Job and its pods, `derive` computes
+the whole operator-owned part of the status: phase, conditions (with stable transition times),
+placement, result, times. The trainer owns `status.progress`; nothing here writes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from finetune_api.resource import (
+    Condition,
+    ConditionType,
+    FineTuneJobStatus,
+    Phase,
+    PlacementStatus,
+    Result,
+)
+from finetune_operator.observe import JobView, PodView
+from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything `derive` looks at."""
+
+    generation: int | None
+    now: str
+    invalid: str | None = None  # the one-line validation error
+    requirement: GpuRequirement | None = None
+    job: JobView | None = None
+    pods: tuple[PodView, ...] = ()
+    node: GpuNode | None = None  # the node the newest pod is bound to
+    diagnosis: Diagnosis | None = None  # why the newest pod cannot be scheduled
+    suspend: bool = False
+    spec_changed: bool = False
+    adapter_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A phase change worth a Kubernetes Event."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass
+class _Builder:
+    previous: FineTuneJobStatus
+    obs: Observation
+    conditions: dict[str, Condition] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.conditions = {c.type: c for c in self.previous.conditions}
+
+    def set(self, type_: ConditionType, status: ConditionStatus, reason: str, message: str) -> None:
+        old = self.conditions.get(type_.value)
+        changed = old is None or old.status != status
+        self.conditions[type_.value] = Condition(
+            type=type_.value,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=self.obs.now
+            if changed or old is None
+            else old.last_transition_time,
+            observed_generation=self.obs.generation,
+        )
+
+    def clear(self, type_: ConditionType, reason: str, message: str = "") -> None:
+        """Set to False, unless the condition never existed (then leave it absent)."""
+        if type_.value in self.conditions:
+            self.set(type_, "False", reason, message)
+
+
+def _newest(pods: tuple[PodView, ...]) -> PodView | None:
+    return max(pods, key=lambda p: (p.created, p.name), default=None)
+
+
+def hopeless_pod(pods: tuple[PodView, ...]) -> PodView | None:
+    """A pod whose trainer said retrying cannot help (the Job may already have started another)."""
+    return next((p for p in pods if p.phase == "Failed" and p.invalid_input), None)
+
+
+def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementStatus | None:
+    if obs.requirement is None:
+        return previous
+    requirement = obs.requirement
+    placement = PlacementStatus(
+        scheme=requirement.scheme,
+        required_compute_capability=str(requirement.min_capability),
+        architecture=requirement.min_capability.architecture,
+        estimated_gpu_memory_mib=requirement.memory.required_mib if requirement.memory else None,
+    )
+    newest = _newest(obs.pods)
+    if newest is not None and newest.node is not None:
+        placement.node = newest.node
+        if obs.node is not None:
+            placement.gpu_product = obs.node.product
+            placement.node_compute_capability = (
+                str(obs.node.capability) if obs.node.capability else None
+            )
+    elif previous is not None and previous.node is not None:
+        placement.node = previous.node
+        placement.gpu_product = previous.gpu_product
+        placement.node_compute_capability = previous.node_compute_capability
+    return placement
+
+
+def _result(obs: Observation, pod: PodView | None) -> Result:
+    outcome = pod.outcome if pod is not None else None
+    result = outcome.result if outcome is not None and outcome.result is not None else Result()
+    if result.adapter is None:
+        result.adapter = obs.adapter_uri
+    return result
+
+
+def derive(
+    previous: FineTuneJobStatus, obs: Observation
+) -> tuple[FineTuneJobStatus, list[Transition]]:
+    """The new operator-owned status, and the transitions to announce as Events."""
+    b = _Builder(previous, obs)
+    status = FineTuneJobStatus(
+        conditions=[],
+        observed_generation=obs.generation,
+        job_name=obs.job.name if obs.job else previous.job_name,
+        placement=_placement(obs, previous.placement),
+        start_time=previous.start_time,
+        completion_time=previous.completion_time,
+        result=previous.result,
+    )
+    phase, reason, message = _phase(b, obs, status)
+    status.phase = phase
+    if obs.spec_changed:
+        b.set(
+            ConditionType.SPEC_CHANGED,
+            "True",
+            "SpecChangedAfterStart",
+            "the spec changed after the training Job was created; the Job keeps running with the "
+            "spec it started with (only suspend applies live). Delete and re-create the "
+            "FineTuneJob to train with the new spec.",
+        )
+    else:
+        b.clear(ConditionType.SPEC_CHANGED, "SpecMatchesJob")
+    status.conditions = [b.conditions[k] for k in sorted(b.conditions, key=_condition_order)]
+    transitions = []
+    if phase != previous.phase:
+        kind: Literal["Normal", "Warning"] = "Warning" if phase is Phase.FAILED else "Normal"
+        transitions.append(Transition(kind, reason, message))
+    old_scheduled = previous.condition(ConditionType.SCHEDULED.value)
+    new_scheduled = b.conditions.get(ConditionType.SCHEDULED.value)
+    if (
+        new_scheduled is not None
+        and new_scheduled.status == "False"
+        and (old_scheduled is None or old_scheduled.reason != new_scheduled.reason)
+    ):
+        transitions.append(Transition("Warning", new_scheduled.reason, new_scheduled.message))
+    return status, transitions
+
+
+_ORDER = [t.value for t in ConditionType]
+
+
+def _condition_order(type_: str) -> int:
+    return _ORDER.index(type_) if type_ in _ORDER else len(_ORDER)
+
+
+def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Phase, str, str]:
+    """Set the conditions and return (phase, reason, message)."""
+    if obs.invalid is not None:
+        b.set(ConditionType.VALIDATED, "False", "InvalidSpec", obs.invalid)
+        b.set(ConditionType.FAILED, "True", "InvalidSpec", obs.invalid)
+        return Phase.FAILED, "InvalidSpec", obs.invalid
+    b.set(ConditionType.VALIDATED, "True", "Valid", "the spec is valid")
+    job = obs.job
+    pod = _newest(obs.pods)
+    if job is None:
+        b.set(ConditionType.SCHEDULED, "Unknown", "JobPending", "creating the training Job")
+        return Phase.PENDING, "Created", "training Job is being created"
+
+    finished = _finished(b, obs, status, job, pod)
+    if finished is not None:
+        return finished
+    if obs.suspend:
+        b.set(
+            ConditionType.SUSPENDED,
+            "True",
+            "Suspended",
+            "spec.suspend is true: no training pod runs",
+        )
+        b.clear(ConditionType.RUNNING, "Suspended", "suspended")
+        return Phase.SUSPENDED, "Suspended", "suspended by spec.suspend"
+    b.clear(ConditionType.SUSPENDED, "Resumed", "spec.suspend is false")
+    return _active(b, obs, status, pod)
+
+
+def _finished(
+    b: _Builder, obs: Observation, status: FineTuneJobStatus, job: JobView, pod: PodView | None
+) -> tuple[Phase, str, str] | None:
+    succeeded = pod is not None and pod.phase == "Succeeded"
+    if job.complete_time is not None or succeeded:
+        status.completion_time = (
+            status.completion_time
+            or job.complete_time
+            or (pod.finished_at if pod else None)
+            or obs.now
+        )
+        status.result = _result(obs, pod if succeeded else None)
+        message = f"adapter written to {status.result.adapter}"
+        b.set(ConditionType.COMPLETE, "True", "Completed", message)
+        b.clear(ConditionType.RUNNING, "Completed", "training finished")
+        b.clear(ConditionType.FAILED, "Completed")
+        return Phase.SUCCEEDED, "Completed", message
+    hopeless = hopeless_pod(obs.pods)
+    if job.failed_reason is not None or hopeless is not None:
+        failed = hopeless or _newest(tuple(p for p in obs.pods if p.phase == "Failed"))
+        if failed is not None:
+            reason = (
+                "InvalidInput" if hopeless is not None else (job.failed_reason or "TrainingFailed")
+            )
+            message = failed.failure_message
+        else:
+            reason = job.failed_reason or "JobFailed"
+            message = job.failed_message or "the training Job failed"
+        if job.failed_reason == "DeadlineExceeded":
+            reason, message = (
+                "DeadlineExceeded",
+                job.failed_message or "activeDeadlineSeconds exceeded",
+            )
+        status.completion_time = status.completion_time or job.failed_time or obs.now
+        b.set(ConditionType.FAILED, "True", reason, message)
+        b.clear(ConditionType.RUNNING, reason, message)
+        return Phase.FAILED, reason, message
+    return None
+
+
+def _active(
+    b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView | None
+) -> tuple[Phase, str, str]:
+    if pod is None:
+        b.set(ConditionType.SCHEDULED, "Unknown", "PodPending", "waiting for the training pod")
+        return Phase.PENDING, "Pending", "waiting for the training pod"
+    if pod.node is None:
+        if pod.unschedulable is not None:
+            diagnosis = obs.diagnosis or Diagnosis("Unschedulable", pod.unschedulable)
+            b.set(ConditionType.SCHEDULED, "False", diagnosis.reason, diagnosis.message)
+            return Phase.PENDING, diagnosis.reason, diagnosis.message
+        b.set(ConditionType.SCHEDULED, "Unknown", "PodPending", "waiting for the scheduler")
+        return Phase.PENDING, "Pending", "waiting for the scheduler"
+    where = pod.node
+    if obs.node is not None and obs.node.capability is not None:
+        where += f" ({obs.node.capability} {obs.node.product})"
+    b.set(ConditionType.SCHEDULED, "True", "Bound", f"bound to node {where}")
+    if pod.phase == "Running":
+        status.start_time = status.start_time or pod.started_at or obs.now
+        b.set(ConditionType.RUNNING, "True", "Training", f"training on {where}")
+        return Phase.RUNNING, "Running", f"training on {where}"
+    if pod.phase == "Failed":  # a retryable failure; the Job controller starts another pod
+        message = f"attempt failed, retrying: {pod.failure_message}"
+        b.set(ConditionType.RUNNING, "False", "Retrying", message)
+        return Phase.PENDING, "Retrying", message
+    return Phase.PENDING, "Starting", f"starting on {where}"

@@ -1,0 +1,350 @@
+"""A FineTuneJob's life on the real control plane: validation, children, status, deletion, restarts."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import (
+    Cluster,
+    Namespace,
+    Operator,
+    ftj_manifest,
+    make_namespace,
+    remove_namespace,
+    scheme_training,
+    wait_for,
+)
+from gpusim import FakeKubelet
+from kubernetes import client
+
+from finetune_api.trainer_config import TrainerOutcome
+
+pytestmark = pytest.mark.integration
+
+
+def phase(ns: Namespace, name: str) -> str | None:
+    return ns.ftj(name).get("status", {}).get("phase")
+
+
+def running_pod(ns: Namespace, name: str) -> Any:
+    def find() -> Any:
+        pods = [p for p in ns.pods(name) if p.status.phase == "Running"]
+        return pods[0] if pods else None
+
+    return wait_for(find, timeout=60, what=f"a running pod of {name}")
+
+
+def events(ns: Namespace, name: str) -> list[Any]:
+    return list(
+        ns.cluster.core.list_namespaced_event(
+            ns.name, field_selector=f"involvedObject.name={name}"
+        ).items
+    )
+
+
+@pytest.mark.parametrize(
+    ("training", "field"),
+    [
+        ({"lora_r": 0}, "spec.training.lora_r"),
+        ({"learning_rate": 3}, "spec.training.learning_rate"),
+        ({"quantization_scheme": "int3"}, "spec.training.quantization_scheme"),
+        ({"lora_alpha_over_r": 4}, "spec.training.lora_alpha_over_r"),
+        ({"num_input_records_to_sample": "plenty"}, "spec.training.num_input_records_to_sample"),
+    ],
+)
+def test_kubectl_apply_refuses_invalid_values_naming_the_field(
+    namespace: Namespace, training: dict[str, Any], field: str
+) -> None:
+    result = namespace.apply(ftj_manifest("bad", training))
+    assert result.returncode != 0
+    assert field in result.stderr
+    assert not namespace.cluster.custom.list_namespaced_custom_object(
+        "finetune.dev", "v1alpha1", namespace.name, "finetunejobs"
+    )["items"]
+
+
+def test_example_and_safe_synthesizer_block_pass_server_validation(namespace: Namespace) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    result = namespace.cluster.kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        namespace.name,
+        "-f",
+        str(repo / "examples" / "finetune.yaml"),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_cross_field_error_sets_validated_false_without_children(namespace: Namespace) -> None:
+    training = {
+        "quantize_model": True,
+        "quantization_scheme": "nvfp4",
+        "peft_implementation": "loftq",
+    }
+    assert namespace.apply(ftj_manifest("loftq-fp4", training)).returncode == 0
+    cond = wait_for(
+        lambda: namespace.condition("loftq-fp4", "Validated"), what="Validated condition"
+    )
+    assert cond["status"] == "False"
+    assert cond["reason"] == "InvalidSpec"
+    assert cond["message"] == (
+        "spec.training: quantization_scheme nvfp4 cannot be used with peft_implementation loftq: "
+        "LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)"
+    )
+    status = namespace.ftj("loftq-fp4")["status"]
+    assert status["phase"] == "Failed"
+    assert status["observedGeneration"] == 1
+    assert any(
+        e.reason == "InvalidSpec" and e.type == "Warning" for e in events(namespace, "loftq-fp4")
+    )
+    time.sleep(2)  # give a wrong operator time to create children
+    assert namespace.jobs() == []
+    assert (
+        namespace.cluster.core.list_namespaced_config_map(
+            namespace.name, label_selector="app.kubernetes.io/managed-by=finetune-operator"
+        ).items
+        == []
+    )
+
+    # Fixing the spec recovers: validation passes and training starts.
+    namespace.apply(ftj_manifest("loftq-fp4", {**training, "peft_implementation": "QLORA"}))
+    wait_for(
+        lambda: (namespace.condition("loftq-fp4", "Validated") or {}).get("status") == "True",
+        what="Validated=True",
+    )
+    wait_for(lambda: phase(namespace, "loftq-fp4") == "Running", timeout=60, what="Running")
+
+
+def test_success_fills_result_and_events(namespace: Namespace, kubelet: FakeKubelet) -> None:
+    assert namespace.apply(ftj_manifest("ok", scheme_training("bnb-4bit"))).returncode == 0
+    pod = running_pod(namespace, "ok")
+    wait_for(lambda: phase(namespace, "ok") == "Running", what="Running")
+    outcome = TrainerOutcome(
+        outcome="Succeeded",
+        reason="Completed",
+        message="trained 12 steps",
+        result={
+            "adapter": "pvc://out/ok",
+            "steps": 12,
+            "recordsSeen": 96,
+            "finalLoss": 0.42,
+            "durationSeconds": 3.5,
+        },
+    )
+    kubelet.finish(pod, 0, outcome.model_dump_json(by_alias=True, exclude_none=True))
+    wait_for(lambda: phase(namespace, "ok") == "Succeeded", timeout=60, what="Succeeded")
+    status = namespace.ftj("ok")["status"]
+    assert status["result"] == {
+        "adapter": "pvc://out/ok",
+        "steps": 12,
+        "recordsSeen": 96,
+        "finalLoss": 0.42,
+        "durationSeconds": 3.5,
+    }
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["status"] == "True" and complete["reason"] == "Completed"
+    assert status["startTime"] and status["completionTime"]
+    reasons = [e.reason for e in events(namespace, "ok")]
+    assert "Running" in reasons and "Completed" in reasons
+
+
+def test_failure_carries_the_trainers_reason(namespace: Namespace, kubelet: FakeKubelet) -> None:
+    assert (
+        namespace.apply(
+            ftj_manifest("boom", scheme_training("bnb-8bit"), backoffLimit=0)
+        ).returncode
+        == 0
+    )
+    pod = running_pod(namespace, "boom")
+    line = "CUDA out of memory while training step 3"
+    outcome = TrainerOutcome(outcome="Failed", reason="TrainingError", message=line)
+    kubelet.finish(pod, 1, outcome.model_dump_json())
+    wait_for(lambda: phase(namespace, "boom") == "Failed", timeout=60, what="Failed")
+    failed = namespace.condition("boom", "Failed")
+    assert failed is not None and failed["status"] == "True"
+    assert failed["message"] == line
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert any(e.type == "Warning" and line in e.message for e in events(namespace, "boom"))
+
+
+def test_invalid_input_is_not_retried(namespace: Namespace, kubelet: FakeKubelet) -> None:
+    assert (
+        namespace.apply(
+            ftj_manifest("nodata", scheme_training("bnb-4bit"), backoffLimit=3)
+        ).returncode
+        == 0
+    )
+    pod = running_pod(namespace, "nodata")
+    line = "dataset /mnt/pvc/data/train.jsonl: file is empty"
+    kubelet.finish(
+        pod, 2, json.dumps({"outcome": "Failed", "reason": "InvalidInput", "message": line})
+    )
+    wait_for(lambda: phase(namespace, "nodata") == "Failed", timeout=60, what="Failed")
+    failed = namespace.condition("nodata", "Failed")
+    assert failed is not None and (failed["reason"], failed["message"]) == ("InvalidInput", line)
+    job = wait_for(
+        lambda: [j for j in namespace.jobs() if j.spec.parallelism == 0], what="retries stopped"
+    )[0]
+    time.sleep(3)
+    assert len(namespace.pods("nodata")) == 1, "no second attempt"
+    assert job.metadata.name == "nodata-train"
+
+
+def test_plain_text_termination_message_reaches_the_condition(
+    namespace: Namespace, kubelet: FakeKubelet
+) -> None:
+    assert (
+        namespace.apply(ftj_manifest("crash", scheme_training(None), backoffLimit=0)).returncode
+        == 0
+    )
+    pod = running_pod(namespace, "crash")
+    kubelet.finish(pod, 137, "Traceback ...\nRuntimeError: the trainer was killed\n")
+    wait_for(lambda: phase(namespace, "crash") == "Failed", timeout=60, what="Failed")
+    assert (namespace.condition("crash", "Failed") or {})[
+        "message"
+    ] == "RuntimeError: the trainer was killed"
+
+
+def test_suspend_and_resume(namespace: Namespace) -> None:
+    assert (
+        namespace.apply(ftj_manifest("later", scheme_training("fp8"), suspend=True)).returncode == 0
+    )
+    wait_for(lambda: phase(namespace, "later") == "Suspended", what="Suspended")
+    assert (namespace.condition("later", "Suspended") or {})["status"] == "True"
+    time.sleep(2)
+    assert namespace.pods("later") == []
+    assert (
+        namespace.apply(ftj_manifest("later", scheme_training("fp8"), suspend=False)).returncode
+        == 0
+    )
+    wait_for(
+        lambda: phase(namespace, "later") == "Running", timeout=60, what="Running after resume"
+    )
+    assert (namespace.condition("later", "Suspended") or {})["status"] == "False"
+    assert namespace.condition("later", "SpecChanged") is None  # suspend is not a spec change
+    # Suspending a running job stops its pod.
+    assert (
+        namespace.apply(ftj_manifest("later", scheme_training("fp8"), suspend=True)).returncode == 0
+    )
+    wait_for(lambda: phase(namespace, "later") == "Suspended", what="Suspended again")
+    wait_for(lambda: not namespace.pods("later"), timeout=60, what="pod stopped")
+
+
+def test_spec_change_after_start_is_reported_not_applied(namespace: Namespace) -> None:
+    assert namespace.apply(ftj_manifest("steady", scheme_training("bnb-4bit"))).returncode == 0
+    wait_for(lambda: phase(namespace, "steady") == "Running", timeout=60, what="Running")
+    job_before = namespace.jobs()[0]
+    config_before = namespace.cluster.core.read_namespaced_config_map(
+        "steady-config", namespace.name
+    ).data
+    assert (
+        namespace.apply(
+            ftj_manifest("steady", {**scheme_training("bnb-4bit"), "lora_r": 8})
+        ).returncode
+        == 0
+    )
+    cond = wait_for(
+        lambda: (
+            (namespace.condition("steady", "SpecChanged") or {}).get("status") == "True"
+            and namespace.condition("steady", "SpecChanged")
+        ),
+        what="SpecChanged",
+    )
+    assert "Delete and re-create" in cond["message"]
+    assert namespace.ftj("steady")["status"]["observedGeneration"] == 2
+    job_after = namespace.jobs()[0]
+    assert job_after.metadata.uid == job_before.metadata.uid
+    assert (
+        namespace.cluster.core.read_namespaced_config_map("steady-config", namespace.name).data
+        == config_before
+    )
+    assert phase(namespace, "steady") == "Running"
+
+
+def test_children_are_owned_and_deleted_with_the_job(namespace: Namespace) -> None:
+    assert namespace.apply(ftj_manifest("owned", scheme_training("bnb-4bit"))).returncode == 0
+    wait_for(lambda: phase(namespace, "owned") == "Running", timeout=60, what="Running")
+    core = namespace.cluster.core
+    rbac_api = client.RbacAuthorizationV1Api(namespace.cluster.api)
+    uid = namespace.ftj("owned")["metadata"]["uid"]
+    children = [
+        namespace.jobs()[0],
+        core.read_namespaced_config_map("owned-config", namespace.name),
+        core.read_namespaced_service_account("owned-trainer", namespace.name),
+        rbac_api.read_namespaced_role("owned-trainer", namespace.name),
+        rbac_api.read_namespaced_role_binding("owned-trainer", namespace.name),
+    ]
+    for child in children:
+        (owner,) = child.metadata.owner_references
+        assert (owner.kind, owner.uid, owner.controller) == ("FineTuneJob", uid, True)
+    role = children[3]
+    assert role.rules[0].resource_names == ["owned"] and role.rules[0].resources == [
+        "finetunejobs/status"
+    ]
+
+    namespace.cluster.kubectl("delete", "ftj", "owned", "-n", namespace.name)
+
+    def gone() -> bool:
+        return (
+            not namespace.jobs()
+            and not core.list_namespaced_pod(
+                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
+            ).items
+            and not core.list_namespaced_config_map(
+                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
+            ).items
+            and not core.list_namespaced_service_account(
+                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
+            ).items
+            and not rbac_api.list_namespaced_role(
+                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
+            ).items
+            and not rbac_api.list_namespaced_role_binding(
+                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
+            ).items
+        )
+
+    wait_for(gone, timeout=90, what="children garbage-collected")
+
+
+def test_operator_killed_mid_reconcile_never_makes_a_second_job(
+    cluster: Cluster, kubelet: FakeKubelet, tmp_path: Path
+) -> None:
+    op = Operator(cluster, tmp_path / "chaos.log", "--namespace", "r-*")
+    ns = make_namespace(cluster, tmp_path, prefix="r")
+    rng = random.Random(7)
+    try:
+        for i in range(3):
+            assert ns.apply(ftj_manifest(f"chaos-{i}", scheme_training("bnb-4bit"))).returncode == 0
+        for _ in range(6):  # kill at random points of the reconciliation, several times
+            op.start()
+            time.sleep(rng.uniform(0.8, 3.0))
+            op.kill()
+        op.start()
+        for i in range(3):
+            wait_for(
+                lambda n=f"chaos-{i}": (
+                    phase(ns, n) in ("Running", "Pending") and ns.ftj(n)["status"].get("jobName")
+                ),
+                timeout=60,
+                what=f"chaos-{i} reconciled",
+            )
+        time.sleep(3)
+        jobs = ns.jobs()
+        assert sorted(j.metadata.name for j in jobs) == [
+            "chaos-0-train",
+            "chaos-1-train",
+            "chaos-2-train",
+        ]
+        for i in range(3):
+            assert len(ns.pods(f"chaos-{i}")) == 1
+    finally:
+        remove_namespace(ns)
+        op.stop()
