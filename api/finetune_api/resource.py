@@ -15,6 +15,9 @@ from pydantic.alias_generators import to_camel
 
 from finetune_api.training import TrainingHyperparams
 
+# Schedulers that step on the validation loss: they need a validation split.
+METRIC_SCHEDULERS = frozenset({"reduce_lr_on_plateau", "greedy"})
+
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -326,6 +329,28 @@ class FineTuneJobSpec(KubeModel):
         int | None,
         Field(ge=1, description="Wall-clock limit for the whole job; it fails when exceeded."),
     ] = None
+
+    @field_validator("training")
+    @classmethod
+    def _runnable(cls, training: TrainingHyperparams) -> TrainingHyperparams:
+        """Combinations the trainer cannot run, refused before anything is scheduled."""
+        if training.peft_method == "loftq":
+            scheme = training.resolved_quantization_scheme
+            if scheme is None or not scheme.is_bitsandbytes:
+                raise ValueError(
+                    "peft_implementation loftq needs quantize_model: true with a bitsandbytes "
+                    "scheme (bnb-4bit or bnb-8bit): LoftQ starts LoRA from the quantization error"
+                )
+        if training.lr_scheduler in METRIC_SCHEDULERS and training.validation_ratio == 0:
+            raise ValueError(
+                f"lr_scheduler {training.lr_scheduler} adjusts the learning rate on the "
+                "validation loss: set validation_ratio > 0"
+            )
+        if training.num_input_records_to_sample == 0:
+            raise ValueError(
+                "num_input_records_to_sample 0 means no training step: set a positive count or 'auto'"
+            )
+        return training
 
     @model_validator(mode="after")
     def _one_model_name(self) -> FineTuneJobSpec:

@@ -32,6 +32,7 @@ EXIT_INVALID_INPUT = 2  # bad spec, data, model or hardware: retrying cannot hel
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"
 ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_REPORT = "FINETUNE_REPORT_STATUS"  # "true": patch status.progress of the FineTuneJob live
+ENV_REPORT_INTERVAL = "FINETUNE_REPORT_INTERVAL"  # seconds between two progress patches
 ENV_TERMINATION_PATH = "FINETUNE_TERMINATION_MESSAGE_PATH"
 
 

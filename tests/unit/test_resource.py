@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
-from crdschema import schema_errors
 from pydantic import ValidationError
 
+from crdschema import schema_errors
 from finetune_api import (
     FineTuneJob,
     FineTuneJobSpec,
@@ -163,12 +163,40 @@ def test_camel_case_on_the_wire() -> None:
             "spec.training: quantization_scheme nvfp4 cannot be used with peft_implementation loftq",
         ),
         (with_(trainingg={}), "spec.trainingg: unknown field"),
+        (
+            with_(training={"peft_implementation": "loftq"}),
+            "spec.training: peft_implementation loftq needs quantize_model: true",
+        ),
+        (
+            with_(training={"lr_scheduler": "reduce_lr_on_plateau"}),
+            "spec.training: lr_scheduler reduce_lr_on_plateau adjusts the learning rate on the validation loss",
+        ),
+        (
+            with_(training={"lr_scheduler": "greedy", "validation_ratio": 0}),
+            "spec.training: lr_scheduler greedy",
+        ),
+        (
+            with_(training={"num_input_records_to_sample": 0}),
+            "spec.training: num_input_records_to_sample 0 means no training step",
+        ),
     ],
 )
 def test_bad_specs_give_one_line_naming_the_field(spec: dict[str, Any], expected: str) -> None:
     message = spec_error(spec)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"peft_implementation": "LoftQ", "quantize_model": True, "quantization_bits": 4},
+        {"lr_scheduler": "reduce_lr_on_plateau", "validation_ratio": 0.1},
+        {"num_input_records_to_sample": 1},
+    ],
+)
+def test_runnable_combinations_pass(training: dict[str, Any]) -> None:
+    FineTuneJobSpec.model_validate(with_(training=training))
 
 
 def test_prompt_completion_dataset() -> None:

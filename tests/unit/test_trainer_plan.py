@@ -1,0 +1,152 @@
+"""The trainer's resolution rules: learning rate, records, steps, warmup, schedules, RoPE factor."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from finetune_api import TrainingHyperparams
+from finetune_api.training import LR_SCHEDULERS
+from finetune_trainer import plan
+from finetune_trainer.errors import InvalidInputError
+
+
+def test_api_scheduler_list_matches_transformers() -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    assert set(LR_SCHEDULERS) == {member.value for member in SchedulerType}
+
+
+def test_learning_rate_table_names_real_model_types() -> None:
+    from transformers import CONFIG_MAPPING
+
+    assert set(plan.LEARNING_RATES) <= set(CONFIG_MAPPING.keys())
+    assert all(0 < rate < 1e-2 for rate in plan.LEARNING_RATES.values())
+
+
+@pytest.mark.parametrize(
+    ("setting", "model_type", "expected"),
+    [
+        (0.003, "llama", 0.003),  # explicit wins
+        ("auto", "llama", 2e-4),
+        ("auto", "smollm3", 3e-4),
+        ("auto", "gemma2", 1e-4),
+        ("auto", "some_new_arch", plan.DEFAULT_LEARNING_RATE),
+        ("auto", None, plan.DEFAULT_LEARNING_RATE),
+    ],
+)
+def test_learning_rate(setting: float | str, model_type: str | None, expected: float) -> None:
+    assert plan.resolve_learning_rate(setting, model_type) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("setting", "train", "expected"),
+    [
+        (500, 10, 500),  # explicit: may exceed the dataset (wraps around)
+        (3, 10_000, 3),
+        ("auto", 10, plan.AUTO_MIN_RECORDS),  # tiny dataset: repeated up to the floor
+        ("auto", 20_000, 20_000),  # one epoch
+        ("auto", 5_000_000, plan.AUTO_MAX_RECORDS),  # huge dataset: sampled
+    ],
+)
+def test_records(setting: int | str, train: int, expected: int) -> None:
+    assert plan.resolve_records(setting, train) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("records", "batch", "steps"), [(1, 8, 1), (8, 8, 1), (9, 8, 2), (60, 6, 10), (61, 6, 11)]
+)
+def test_optimizer_steps_round_up(records: int, batch: int, steps: int) -> None:
+    assert plan.optimizer_steps(records, batch) == steps == math.ceil(records / batch)
+
+
+@pytest.mark.parametrize(
+    ("ratio", "total", "scheduler", "expected"),
+    [
+        (0.05, 100, "cosine", 5),
+        (0.05, 10, "linear", 1),  # ceil(0.5)
+        (0.25, 10, "linear", 3),  # ceil(2.5)
+        (1.5, 10, "cosine", 10),  # capped at the run
+        (0.5, 10, "constant", 0),  # no warmup phase
+        (0.5, 10, "reduce_lr_on_plateau", 0),
+    ],
+)
+def test_warmup_steps(ratio: float, total: int, scheduler: str, expected: int) -> None:
+    assert plan.warmup_steps(ratio, total, scheduler) == expected
+
+
+@pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
+def test_every_scheduler_builds_with_the_resolved_arguments(scheduler: str) -> None:
+    import torch
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    warmup = plan.warmup_steps(0.1, 40, scheduler)
+    built = get_scheduler(
+        scheduler,
+        optimizer,
+        num_warmup_steps=warmup,
+        num_training_steps=40,
+        scheduler_specific_kwargs=plan.scheduler_kwargs(scheduler, 40, warmup),
+    )
+    assert built is not None
+
+
+def test_validation_count() -> None:
+    assert plan.validation_count(100, 0.0) == 0
+    assert plan.validation_count(100, 0.05) == 5
+    assert plan.validation_count(10, 0.01) == 1  # any ratio above 0 validates
+    assert plan.validation_count(10, 1.0) == 10
+
+
+def test_checkpoint_and_logging_cadence() -> None:
+    assert plan.save_steps(10) == 1
+    assert plan.save_steps(1250) == 63  # ~5% of the run
+    assert plan.save_steps(100_000) == plan.MAX_SAVE_STEPS
+    assert plan.logging_steps(40) == 1
+    assert plan.logging_steps(2000) == 20
+
+
+@pytest.mark.parametrize(
+    ("setting", "max_len", "native", "expected"),
+    [
+        (None, 10_000, 2048, None),  # null: never
+        (1, 10_000, 2048, None),  # factor 1 is no scaling
+        (4, 100, 2048, 4),  # explicit: always
+        ("auto", 2048, 2048, None),  # fits
+        ("auto", 2049, 2048, 2),
+        ("auto", 8192, 2048, 4),
+        ("auto", 9000, 2048, 5),
+        ("auto", 9000, None, None),  # model without a declared context
+    ],
+)
+def test_rope_factor(
+    setting: int | str | None, max_len: int, native: int | None, expected: int | None
+) -> None:
+    assert plan.rope_factor(setting, max_len, native) == expected  # type: ignore[arg-type]
+
+
+def test_make_plan_resolves_everything() -> None:
+    training = TrainingHyperparams(
+        num_input_records_to_sample=60,
+        batch_size=2,
+        gradient_accumulation_steps=3,
+        warmup_ratio=0.25,
+        validation_ratio=0.2,
+        lr_scheduler="linear",
+    )
+    resolved = plan.make_plan(training, dataset_records=20, model_type="qwen3")
+    assert (resolved.validation_records, resolved.train_records) == (4, 16)
+    assert (resolved.records, resolved.steps, resolved.warmup_steps) == (60, 10, 3)
+    assert resolved.learning_rate == 2e-4
+    assert resolved.learning_rate_source == "auto (qwen3)"
+    assert resolved.records_after(3) == 18
+    assert resolved.records_after(10) == 60  # the last batch is partial: 10 x 6 > 60
+
+
+def test_make_plan_refuses_a_split_with_nothing_to_train() -> None:
+    with pytest.raises(InvalidInputError, match=r"validation_ratio 1.0 holds out 5 of the 5"):
+        plan.make_plan(
+            TrainingHyperparams(validation_ratio=1.0), dataset_records=5, model_type=None
+        )

@@ -1,0 +1,208 @@
+"""The run plan: how the spec's 'auto' values and the derived counts are resolved. No torch.
+
+Learning rate ("auto")
+    LEARNING_RATES below, keyed on the model config's `model_type`: conservative LoRA learning rates
+    for each family (adapters tolerate higher rates than full fine-tuning; small models and the
+    families known to be sensitive, such as Gemma and mixture-of-experts models, get lower ones).
+    A model type not in the table gets DEFAULT_LEARNING_RATE (2e-4, the usual LoRA/QLoRA default).
+
+Records ("auto")
+    One epoch over the training split, but at least AUTO_MIN_RECORDS (small datasets are repeated:
+    a few dozen optimizer steps are too few to learn anything) and at most AUTO_MAX_RECORDS (huge
+    datasets are sampled, so that 'auto' never means days of training).
+
+Optimizer steps
+    ceil(records / effective_batch_size), where effective_batch_size = batch_size x
+    gradient_accumulation_steps. The records are the training split repeated (each pass in a new
+    seeded order) and cut at `records`, so the last step may see a partial batch.
+
+Warmup
+    ceil(warmup_ratio x steps), at most the number of steps. Schedulers with no warmup phase
+    (constant, reduce_lr_on_plateau, greedy) get none.
+
+Validation split
+    round(validation_ratio x records), at least 1 when the ratio is above 0; the rest trains.
+
+RoPE scaling factor
+    An integer n > 1 stretches the context to n x the model's native max_position_embeddings; 1
+    and null leave the model as it is; 'auto' scales only when dataset.maxSequenceLength exceeds
+    the native context, by ceil(maxSequenceLength / native).
+
+Checkpoints
+    Every ceil(steps / 20) optimizer steps (at most 250 steps apart), so a restart loses at most
+    5% of the run; the final step is always saved; the 2 newest checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from finetune_api.training import TrainingHyperparams
+from finetune_trainer.errors import InvalidInputError
+
+DEFAULT_LEARNING_RATE = 2e-4
+
+# model_type (transformers config) -> peak LoRA learning rate.
+LEARNING_RATES: dict[str, float] = {
+    "llama": 2e-4,
+    "mistral": 2e-4,
+    "mixtral": 1e-4,
+    "qwen2": 2e-4,
+    "qwen3": 2e-4,
+    "qwen3_moe": 1e-4,
+    "smollm3": 3e-4,
+    "phi3": 2e-4,
+    "granite": 2e-4,
+    "gemma": 1e-4,
+    "gemma2": 1e-4,
+    "gemma3": 1e-4,
+    "gemma3_text": 1e-4,
+    "olmo2": 2e-4,
+    "gpt_oss": 1e-4,
+}
+
+AUTO_MIN_RECORDS = 1_000
+AUTO_MAX_RECORDS = 100_000
+
+CHECKPOINTS_PER_RUN = 20
+MAX_SAVE_STEPS = 250
+SAVE_TOTAL_LIMIT = 2
+LOG_POINTS_PER_RUN = 100
+
+# Schedulers whose learning rate has no warmup phase in transformers.
+NO_WARMUP_SCHEDULERS = frozenset({"constant", "reduce_lr_on_plateau", "greedy"})
+# Schedulers that step on the validation loss: they need a validation split.
+
+
+def resolve_learning_rate(setting: float | Literal["auto"], model_type: str | None) -> float:
+    """The peak learning rate: the explicit value, else the family default for `model_type`."""
+    if setting != "auto":
+        return float(setting)
+    return LEARNING_RATES.get(model_type or "", DEFAULT_LEARNING_RATE)
+
+
+def resolve_records(setting: int | Literal["auto"], train_records: int) -> int:
+    """Records the model sees in total (see the module docstring for 'auto')."""
+    if setting != "auto":
+        return setting
+    return min(max(train_records, AUTO_MIN_RECORDS), AUTO_MAX_RECORDS)
+
+
+def optimizer_steps(records: int, effective_batch_size: int) -> int:
+    """ceil(records / effective_batch_size)."""
+    return -(-records // effective_batch_size)
+
+
+def warmup_steps(ratio: float, total_steps: int, scheduler: str) -> int:
+    """ceil(ratio x total_steps), capped at total_steps; 0 for schedulers without warmup."""
+    if scheduler in NO_WARMUP_SCHEDULERS:
+        return 0
+    return min(math.ceil(ratio * total_steps), total_steps)
+
+
+def scheduler_kwargs(scheduler: str, total_steps: int, warmup: int) -> dict[str, float | int]:
+    """Extra arguments the scheduler needs: min-lr cosines end at 10% of the peak, and
+    warmup_stable_decay decays over the last 10% of the steps."""
+    if scheduler in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        return {"min_lr_rate": 0.1}
+    if scheduler == "warmup_stable_decay":
+        return {"num_decay_steps": max(0, min(math.ceil(0.1 * total_steps), total_steps - warmup))}
+    return {}
+
+
+def validation_count(records: int, ratio: float) -> int:
+    """Records held out for validation: round(ratio x records), at least 1 if ratio > 0."""
+    if ratio <= 0:
+        return 0
+    return max(1, round(ratio * records))
+
+
+def save_steps(total_steps: int) -> int:
+    """Optimizer steps between two checkpoints."""
+    return max(1, min(math.ceil(total_steps / CHECKPOINTS_PER_RUN), MAX_SAVE_STEPS))
+
+
+def logging_steps(total_steps: int) -> int:
+    """Optimizer steps between two logged losses: about LOG_POINTS_PER_RUN points per run."""
+    return max(1, total_steps // LOG_POINTS_PER_RUN)
+
+
+def rope_factor(
+    setting: int | Literal["auto"] | None, max_sequence_length: int, native_context: int | None
+) -> int | None:
+    """The RoPE scaling factor to apply, or None for no scaling (see the module docstring)."""
+    if setting is None:
+        return None
+    if setting == "auto":
+        if native_context is None or max_sequence_length <= native_context:
+            return None
+        return math.ceil(max_sequence_length / native_context)
+    return setting if setting > 1 else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every count and rate of the run, resolved by the rules above."""
+
+    dataset_records: int
+    train_records: int
+    validation_records: int
+    records: int
+    effective_batch_size: int
+    steps: int
+    warmup_steps: int
+    learning_rate: float
+    learning_rate_source: str
+    scheduler_kwargs: dict[str, float | int]
+    save_steps: int
+    logging_steps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (
+            f"{self.records} records ({self.train_records} train, {self.validation_records} "
+            f"validation) -> {self.steps} steps of {self.effective_batch_size}; learning rate "
+            f"{self.learning_rate:g} ({self.learning_rate_source}); warmup {self.warmup_steps}"
+        )
+
+    def records_after(self, step: int) -> int:
+        """Training records consumed after `step` optimizer steps."""
+        return min(step * self.effective_batch_size, self.records)
+
+
+def make_plan(training: TrainingHyperparams, dataset_records: int, model_type: str | None) -> Plan:
+    """Resolve the run's counts from the hyperparameters, the dataset size and the model family."""
+    validation = validation_count(dataset_records, training.validation_ratio)
+    train = dataset_records - validation
+    if train < 1:
+        raise InvalidInputError(
+            f"spec.training.validation_ratio {training.validation_ratio} holds out {validation} of "
+            f"the {dataset_records} usable records: none is left to train on"
+        )
+    records = resolve_records(training.num_input_records_to_sample, train)
+    steps = optimizer_steps(records, training.effective_batch_size)
+    warmup = warmup_steps(training.warmup_ratio, steps, training.lr_scheduler)
+    if training.learning_rate != "auto":
+        source = "spec"
+    elif model_type in LEARNING_RATES:
+        source = f"auto ({model_type})"
+    else:
+        source = f"auto (default for unlisted model type {model_type})"
+    return Plan(
+        dataset_records=dataset_records,
+        train_records=train,
+        validation_records=validation,
+        records=records,
+        effective_batch_size=training.effective_batch_size,
+        steps=steps,
+        warmup_steps=warmup,
+        learning_rate=resolve_learning_rate(training.learning_rate, model_type),
+        learning_rate_source=source,
+        scheduler_kwargs=scheduler_kwargs(training.lr_scheduler, steps, warmup),
+        save_steps=save_steps(steps),
+        logging_steps=logging_steps(steps),
+    )

@@ -1,0 +1,153 @@
+"""The transformers TrainingArguments and Trainer for a Plan, and the progress callback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import TrainerCallback
+
+from finetune_api.resource import Progress
+from finetune_api.training import TrainingHyperparams
+from finetune_trainer import plan as rules
+from finetune_trainer.hardware import Device
+from finetune_trainer.plan import Plan
+from finetune_trainer.report import StatusReporter, now_rfc3339
+
+log = logging.getLogger(__name__)
+
+SEED = 42
+
+
+def get_training_arguments(
+    training: TrainingHyperparams, plan: Plan, device: Device, checkpoint_dir: str
+) -> Any:
+    """TrainingArguments: AdamW, the resolved schedule, step-based eval and checkpoints."""
+    from transformers import TrainingArguments
+
+    validate = plan.validation_records > 0
+    return TrainingArguments(
+        output_dir=checkpoint_dir,
+        max_steps=plan.steps,
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        optim="adamw_torch",
+        learning_rate=plan.learning_rate,
+        weight_decay=training.weight_decay,
+        lr_scheduler_type=training.lr_scheduler,
+        lr_scheduler_kwargs=plan.scheduler_kwargs,
+        warmup_steps=plan.warmup_steps,
+        eval_strategy="steps" if validate else "no",
+        eval_steps=training.validation_steps if validate else None,
+        logging_strategy="steps",
+        logging_steps=plan.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=plan.save_steps,
+        save_total_limit=rules.SAVE_TOTAL_LIMIT,
+        enable_jit_checkpoint=True,
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        bf16=device.bf16,
+        use_cpu=not device.cuda,
+        report_to="none",
+        disable_tqdm=True,
+        seed=SEED,
+        data_seed=SEED,
+        dataloader_num_workers=0,
+    )
+
+
+class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+    """Logs each logged step as one line, reports status.progress (rate-limited, the final report
+    always), and makes sure the final step's loss is logged."""
+
+    def __init__(self, plan: Plan, reporter: StatusReporter | None) -> None:
+        self.plan = plan
+        self.reporter = reporter
+        self.loss: float | None = None
+        self.eval_loss: float | None = None
+
+    def progress(self, step: int) -> Progress:
+        plan = self.plan
+        return Progress(
+            step=step,
+            total_steps=plan.steps,
+            epoch=round(plan.records_after(step) / plan.train_records, 4),
+            loss=self.loss,
+            eval_loss=self.eval_loss,
+            percent=min(100, 100 * step // plan.steps),
+            update_time=now_rfc3339(),
+        )
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        for entry in state.log_history:  # restored from a checkpoint on resume
+            self._remember(entry)
+        if state.global_step:
+            log.info("resumed at step %d/%d", state.global_step, self.plan.steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= self.plan.steps:
+            control.should_log = True  # the final loss is always logged
+        elif self.reporter is not None:
+            self.reporter.report(self.progress(state.global_step))
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        logs = logs or {}
+        self._remember(logs)
+        step = state.global_step
+        parts = [f"step {step}/{self.plan.steps}"]
+        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+            if key in logs:
+                parts.append(f"{key} {logs[key]:.6g}")
+        if len(parts) > 1:
+            log.info(" ".join(parts))
+        if self.reporter is not None and ("loss" in logs or "eval_loss" in logs):
+            self.reporter.report(self.progress(step))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.reporter is not None:
+            self.reporter.report(self.progress(state.global_step), force=True)
+            self.reporter.flush()
+
+    def _remember(self, entry: dict[str, Any]) -> None:
+        if "loss" in entry:
+            self.loss = float(entry["loss"])
+        if "eval_loss" in entry:
+            self.eval_loss = float(entry["eval_loss"])
+
+
+def build_trainer(
+    *,
+    model: Any,
+    args: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    collator: Any,
+    callback: Any,
+) -> Any:
+    from transformers import PrinterCallback, Trainer
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressCallback logs one line per logged step
+    return trainer
+
+
+def last_logged(log_history: list[dict[str, Any]], key: str) -> float | None:
+    """The last value of `key` in the Trainer's log history."""
+    for entry in reversed(log_history):
+        if key in entry:
+            return float(entry[key])
+    return None
