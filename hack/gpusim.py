@@ -146,6 +146,8 @@ class FakeKubelet:
     auto_start: report bound pods Running as soon as they are bound.
     runner: when set, called in a thread for each bound pod (e.g. to execute its command); it
     returns (exit_code, termination_message) and the pod is finished with them.
+    namespaces: which namespaces' pods this kubelet plays (all when None), so that two kubelets
+    can share the simulated nodes.
     """
 
     def __init__(
@@ -153,10 +155,12 @@ class FakeKubelet:
         api: client.ApiClient,
         auto_start: bool = True,
         runner: Callable[[Any], tuple[int, str]] | None = None,
+        namespaces: Callable[[str], bool] | None = None,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.auto_start = auto_start
         self.runner = runner
+        self.namespaces = namespaces
         self._stop = threading.Event()
         self._seen: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
@@ -190,6 +194,8 @@ class FakeKubelet:
 
     def _handle(self, pod: Any) -> None:
         node = pod.spec.node_name
+        if self.namespaces is not None and not self.namespaces(pod.metadata.namespace):
+            return
         if not node or node not in self._simulated_nodes():
             return
         key = pod.metadata.uid
@@ -221,8 +227,14 @@ class FakeKubelet:
         )
 
     def finish(self, pod: Any, exit_code: int, message: str = "") -> None:
-        """End the pod's container with this exit code and termination message."""
-        fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+        """End the pod's container with this exit code and termination message (a pod deleted
+        meanwhile has nothing left to report)."""
+        try:
+            fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
         self.core.patch_namespaced_pod_status(
             pod.metadata.name,
             pod.metadata.namespace,

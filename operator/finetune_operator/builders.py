@@ -53,6 +53,8 @@ ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 TRAINER_UID = 65532
 CACHE_DIR = "/cache"
 MAX_CHILD_NAME = 52  # leaves room for the 6 characters the Job controller appends to pod names
+# On SIGTERM (preemption, suspend, node drain) the trainer saves a checkpoint before it exits.
+TERMINATION_GRACE_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -223,6 +225,7 @@ def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1
         V1EnvVar(name=tc.ENV_JOB_NAME, value=job.name),
         V1EnvVar(name=tc.ENV_JOB_NAMESPACE, value=job.namespace),
         V1EnvVar(name=tc.ENV_REPORT, value="true" if settings.status_reporting else "false"),
+        V1EnvVar(name=tc.ENV_REPORT_INTERVAL, value=f"{settings.progress_interval:g}"),
         V1EnvVar(name="HF_HOME", value=f"{CACHE_DIR}/huggingface"),
         V1EnvVar(name="TRITON_CACHE_DIR", value=f"{CACHE_DIR}/triton"),
         V1EnvVar(name="TMPDIR", value="/tmp"),
@@ -297,6 +300,7 @@ def build_job(
     pod = V1PodSpec(
         containers=[container],
         restart_policy="Never",
+        termination_grace_period_seconds=TERMINATION_GRACE_SECONDS,
         service_account_name=trainer_account_name(job.name) if settings.status_reporting else None,
         automount_service_account_token=settings.status_reporting,
         security_context=V1PodSecurityContext(

@@ -43,6 +43,7 @@ class Settings:
     default_memory: str | None = None
     memory_affinity: bool = True
     status_reporting: bool = True
+    progress_interval: float = 10.0
     namespaces: tuple[str, ...] = ()
     peering: str | None = None
     liveness: str | None = None
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=_bool(_env("STATUS_REPORTING", "true") or "true"),
         help="give each training pod a ServiceAccount allowed to patch its own FineTuneJob's "
              "status, for live progress [FINETUNE_STATUS_REPORTING]")  # fmt: skip
+    add("--progress-interval", type=float,
+        default=float(_env("PROGRESS_INTERVAL", "10") or "10"),
+        help="seconds between two progress reports of a training pod "
+             "[FINETUNE_PROGRESS_INTERVAL]")  # fmt: skip
     add("--peering", default=_env("PEERING"),
         help="kopf peering name for running several replicas; standalone when unset "
              "[FINETUNE_PEERING]")  # fmt: skip
@@ -164,6 +169,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         default_memory=args.default_memory,
         memory_affinity=args.memory_affinity,
         status_reporting=args.status_reporting,
+        progress_interval=args.progress_interval,
         namespaces=tuple(namespaces),
         peering=args.peering,
         liveness=args.liveness,

@@ -1,4 +1,4 @@
-"""Fixtures for the integration tier: a real local control plane, simulated GPU nodes, the operator
+"""The integration tier's harness: a real local control plane, simulated GPU nodes, the operator
 as a separate process, and a fresh namespace per test with bound PersistentVolumeClaims."""
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
-from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
 from kubernetes import client, config
+
+from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
 from localcluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetunejobs.finetune.dev.yaml"
-pytestmark = pytest.mark.integration
 
 
 def wait_for(
@@ -84,16 +84,17 @@ def _kubectl_binary() -> str:
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    local = LocalCluster(root).start()
-    env = dict(os.environ, KUBECONFIG=str(local.kubeconfig))
-    env["PATH"] = f"{Path(_kubectl_binary()).parent}:{env.get('PATH', '')}"
-    api = config.new_client_from_config(str(local.kubeconfig))
-    c = Cluster(root=root, kubeconfig=local.kubeconfig, api=api, env=env)
-    c.kubectl("apply", "-f", str(CRD))
-    c.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
-    )
+    local = LocalCluster(root)
     try:
+        local.start()
+        env = dict(os.environ, KUBECONFIG=str(local.kubeconfig))
+        env["PATH"] = f"{Path(_kubectl_binary()).parent}:{env.get('PATH', '')}"
+        api = config.new_client_from_config(str(local.kubeconfig))
+        c = Cluster(root=root, kubeconfig=local.kubeconfig, api=api, env=env)
+        c.kubectl("apply", "-f", str(CRD))
+        c.kubectl(
+            "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
+        )
         yield c
     finally:
         local.stop()
@@ -112,7 +113,10 @@ def gpu_nodes(cluster: Cluster) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def kubelet(cluster: Cluster, gpu_nodes: dict[str, str]) -> Iterator[FakeKubelet]:
-    with FakeKubelet(cluster.api, auto_start=True) as fake:
+    # Namespaces e-* belong to the end-to-end tests, which bring a kubelet that runs the trainer.
+    with FakeKubelet(
+        cluster.api, auto_start=True, namespaces=lambda ns: not ns.startswith("e-")
+    ) as fake:
         yield fake
 
 

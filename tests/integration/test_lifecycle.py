@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from kubernetes import client
+
+from finetune_api.trainer_config import TrainerOutcome
+from gpusim import FakeKubelet
+from integration.harness import (
     Cluster,
     Namespace,
     Operator,
@@ -19,10 +23,6 @@ from conftest import (
     scheme_training,
     wait_for,
 )
-from gpusim import FakeKubelet
-from kubernetes import client
-
-from finetune_api.trainer_config import TrainerOutcome
 
 pytestmark = pytest.mark.integration
 

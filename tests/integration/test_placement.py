@@ -7,7 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+
+from finetune_api import ComputeCapability
+from finetune_api.resource import FineTuneJobSpec
+from finetune_operator.memory import estimate_memory, model_shape
+from gpusim import GPU_TYPES, create_gpu_node, delete_node
+from integration.harness import (
     Cluster,
     Namespace,
     Operator,
@@ -17,11 +22,6 @@ from conftest import (
     scheme_training,
     wait_for,
 )
-from gpusim import GPU_TYPES, create_gpu_node, delete_node
-
-from finetune_api import ComputeCapability
-from finetune_api.resource import FineTuneJobSpec
-from finetune_operator.memory import estimate_memory, model_shape
 
 pytestmark = pytest.mark.integration
 

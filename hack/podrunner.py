@@ -1,0 +1,226 @@
+"""Run a pod's container as a local process, the way a kubelet and container runtime would.
+
+For the local control plane only (no container engine here): the container's command runs in a
+private mount namespace (`unshare --mount`, so root is needed) where
+
+* the pod's volumes are bind-mounted at their mountPaths: configMap and secret volumes as files
+  (the service-account token included), persistentVolumeClaims as the hostPath of their bound
+  PersistentVolume, emptyDirs as fresh directories;
+* `readOnlyRootFilesystem` makes `/` read-only; `readOnly` mounts are read-only;
+* the termination message file is bind-mounted at `terminationMessagePath`;
+* the process gets the container's env (`value`, `secretKeyRef`, `configMapKeyRef`, `fieldRef`)
+  plus KUBERNETES_SERVICE_HOST/PORT pointing at the API server.
+
+It keeps the invoking user rather than the pod's runAsUser: the interpreter of this checkout's
+virtual environment usually lives under a home directory that user cannot enter. The read-only
+root filesystem applies to every user, so writes outside the pod's volumes still fail.
+
+Images map to local commands (the image's ENTRYPOINT), e.g. the trainer image to the
+`finetune-trainer` console script of this checkout's virtual environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client
+
+TERMINATION_LIMIT = 4096
+
+
+@dataclass
+class Mount:
+    source: Path
+    target: str
+    read_only: bool
+    is_file: bool = False
+
+
+@dataclass
+class LocalRuntime:
+    """A container runtime for one cluster: `run(pod)` -> (exit code, termination message)."""
+
+    core: client.CoreV1Api
+    images: dict[str, list[str]]
+    api_host: str
+    api_port: int
+    workdir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
+    timeout: float = 600
+
+    def __call__(self, pod: Any) -> tuple[int, str]:
+        return self.run(pod)
+
+    def run(self, pod: Any) -> tuple[int, str]:
+        container = pod.spec.containers[0]
+        if container.image not in self.images:
+            return 128, f"image {container.image} is not known to the local runtime"
+        base = Path(tempfile.mkdtemp(prefix=f"{pod.metadata.name}-", dir=self.workdir))
+        base.chmod(0o755)
+        mounts = self._mounts(pod, container, base)
+        termination = base / "termination-log"
+        termination.touch()
+        termination.chmod(0o666)
+        mounts.append(
+            Mount(
+                termination,
+                container.termination_message_path or "/dev/termination-log",
+                False,
+                True,
+            )
+        )
+        argv = list(container.command or self.images[container.image]) + list(container.args or [])
+        env = self._env(pod, container)
+        log_path = self.workdir / f"{pod.metadata.namespace}-{pod.metadata.name}.log"
+        script = self._script(mounts, container, argv)
+        with open(log_path, "wb") as log:
+            proc = subprocess.run(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                env=env, stdout=log, stderr=subprocess.STDOUT, timeout=self.timeout, check=False,
+            )  # fmt: skip
+        created = [
+            m for m in mounts if m.target.startswith(("/etc/", "/var/run/", "/mnt/", "/dev/"))
+        ]
+        _cleanup_mountpoints(created)
+        message = termination.read_text(errors="replace")[:TERMINATION_LIMIT]
+        if (
+            not message.strip()
+            and proc.returncode != 0
+            and container.termination_message_policy == "FallbackToLogsOnError"
+        ):
+            lines = log_path.read_text(errors="replace").splitlines()[-80:]
+            message = "\n".join(lines)[-TERMINATION_LIMIT:]
+        return proc.returncode, message
+
+    def _mounts(self, pod: Any, container: Any, base: Path) -> list[Mount]:
+        volumes = {v.name: v for v in pod.spec.volumes or []}
+        mounts = []
+        for vm in container.volume_mounts or []:
+            volume = volumes[vm.name]
+            source = self._materialize(pod, volume, base)
+            mounts.append(Mount(source, vm.mount_path, bool(vm.read_only)))
+        return mounts
+
+    def _materialize(self, pod: Any, volume: Any, base: Path) -> Path:
+        namespace = pod.metadata.namespace
+        target: Path = base / "volumes" / str(volume.name)
+        target.mkdir(parents=True, exist_ok=True)
+        target.chmod(0o777)
+        if volume.config_map is not None:
+            data = (
+                self.core.read_namespaced_config_map(volume.config_map.name, namespace).data or {}
+            )
+            for key, value in data.items():
+                (target / key).write_text(value)
+        elif volume.secret is not None:
+            data = self.core.read_namespaced_secret(volume.secret.secret_name, namespace).data or {}
+            for key, value in data.items():
+                (target / key).write_bytes(base64.b64decode(value))
+                (target / key).chmod(0o644)
+        elif volume.persistent_volume_claim is not None:
+            claim = self.core.read_namespaced_persistent_volume_claim(
+                volume.persistent_volume_claim.claim_name, namespace
+            )
+            pv = self.core.read_persistent_volume(claim.spec.volume_name)
+            return Path(str(pv.spec.host_path.path))
+        elif volume.empty_dir is None:
+            raise ValueError(f"volume {volume.name}: type not supported by the local runtime")
+        return target
+
+    def _env(self, pod: Any, container: Any) -> dict[str, str]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "KUBERNETES_SERVICE_HOST": self.api_host,
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
+            **self.extra_env,
+        }
+        namespace = pod.metadata.namespace
+        for var in container.env or []:
+            if var.value is not None:
+                env[var.name] = var.value
+            elif var.value_from is not None and var.value_from.secret_key_ref is not None:
+                ref = var.value_from.secret_key_ref
+                secret = self.core.read_namespaced_secret(ref.name, namespace)
+                env[var.name] = base64.b64decode(secret.data[ref.key]).decode()
+            elif var.value_from is not None and var.value_from.config_map_key_ref is not None:
+                ref = var.value_from.config_map_key_ref
+                env[var.name] = self.core.read_namespaced_config_map(ref.name, namespace).data[
+                    ref.key
+                ]
+            elif var.value_from is not None and var.value_from.field_ref is not None:
+                path = var.value_from.field_ref.field_path
+                env[var.name] = {
+                    "metadata.name": pod.metadata.name,
+                    "metadata.namespace": namespace,
+                }[path]
+        return env
+
+    def _script(self, mounts: list[Mount], container: Any, argv: list[str]) -> str:
+        lines = ["set -e"]
+        for m in _mount_order(mounts):
+            target = shlex.quote(m.target)
+            if m.is_file:
+                lines.append(f"[ -e {target} ] || touch {target}")
+            else:
+                lines.append(f"mkdir -p {target}")
+            lines.append(f"mount --bind {shlex.quote(str(m.source))} {target}")
+            if m.read_only:
+                lines.append(f"mount -o remount,bind,ro {target}")
+        sc = container.security_context
+        if sc is not None and sc.read_only_root_filesystem:
+            lines.append("mount -o remount,bind,ro /")
+        lines.append(f"exec {shlex.join(argv)}")
+        return "\n".join(lines)
+
+
+def _mount_order(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children; a mount that would hide another mount's source (an emptyDir
+    at /tmp while sources live under /tmp) goes after every mount whose source it covers."""
+
+    def covers(m: Mount) -> bool:
+        return any(
+            o is not m and Path(o.source).is_relative_to(m.target) and m.target != "/"
+            for o in mounts
+        )
+
+    plain = sorted((m for m in mounts if not covers(m)), key=lambda m: m.target.count("/"))
+    hiding = sorted((m for m in mounts if covers(m)), key=lambda m: -m.target.count("/"))
+    return plain + hiding
+
+
+def _cleanup_mountpoints(mounts: list[Mount]) -> None:
+    """Remove the empty mountpoints created on the host for targets outside the workdir."""
+    for m in sorted(mounts, key=lambda m: -m.target.count("/")):
+        path = Path(m.target)
+        try:
+            if m.is_file and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+                for parent in path.parents:
+                    if str(parent) in ("/", "/etc", "/var", "/var/run", "/mnt", "/dev", "/run"):
+                        break
+                    if any(parent.iterdir()):
+                        break
+                    parent.rmdir()
+        except OSError:
+            continue
+
+
+def local_trainer_images(image: str) -> dict[str, list[str]]:
+    """The trainer image mapped to this checkout's finetune-trainer console script."""
+    script = shutil.which("finetune-trainer")
+    if script is None:
+        raise RuntimeError("finetune-trainer is not installed in this environment")
+    return {image: [script]}

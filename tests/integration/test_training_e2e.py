@@ -1,0 +1,268 @@
+"""End to end: kubectl apply -> operator -> kube-scheduler -> the trainer really trains.
+
+A kubelet stand-in runs the training pod's container command as a local process with the pod's
+env and volumes (hack/podrunner.py: a private mount namespace, read-only root filesystem), so the
+trainer reads the operator's ConfigMap, the PVCs and the service-account token as in a pod, and
+reports progress with its own per-job RBAC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import ssl
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpusim import FakeKubelet
+from integration.harness import (
+    Cluster,
+    Namespace,
+    Operator,
+    make_namespace,
+    remove_namespace,
+    wait_for,
+)
+from podrunner import LocalRuntime, local_trainer_images
+from tinymodel import SENTENCES, build_tiny_model
+
+pytestmark = [pytest.mark.integration, pytest.mark.training]
+
+IMAGE = "local/finetune-trainer:dev"
+
+
+@dataclass
+class E2E:
+    ns: Namespace
+    operator: Operator
+    runtime_dir: Path
+
+
+@pytest.fixture
+def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator[E2E]:
+    op = Operator(
+        cluster, tmp_path / "operator.log",
+        "--namespace", "e-*", "--trainer-image", IMAGE, "--progress-interval", "1",
+    ).start()  # fmt: skip
+    ns = make_namespace(cluster, tmp_path, prefix="e")
+    server = urllib.parse.urlparse(
+        json.loads((cluster.root / "endpoints.json").read_text())["server"]
+    )
+    runtime_dir = tmp_path / "runtime"
+    runtime_dir.mkdir()
+    runtime = LocalRuntime(
+        core=cluster.core,
+        images=local_trainer_images(IMAGE),
+        api_host=server.hostname or "127.0.0.1",
+        api_port=server.port or 443,
+        workdir=runtime_dir,
+    )
+    try:
+        with FakeKubelet(cluster.api, runner=runtime, namespaces=lambda n: n.startswith("e-")):
+            try:
+                yield E2E(ns, op, runtime_dir)
+            finally:
+                remove_namespace(ns)  # while the kubelet still completes pod deletions
+    finally:
+        op.stop()
+
+
+def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"volume": {"claimName": "models", "path": "tiny-llama"}},
+            "dataset": {"claimName": "data", "path": "corpus/train.jsonl", "maxSequenceLength": 64},
+            "output": {"claimName": "out", "path": f"adapters/{name}"},
+            "resources": {"cpu": "2", "memory": "4Gi"},
+            "training": training,
+        },
+    }
+
+
+def seed_volumes(ns: Namespace) -> None:
+    build_tiny_model(ns.volumes["models"] / "tiny-llama")
+    corpus = ns.volumes["data"] / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    (corpus / "train.jsonl").write_text(
+        "".join(json.dumps({"text": s}) + "\n" for s in SENTENCES * 8)
+    )
+
+
+def get_wide(ns: Namespace, name: str) -> dict[str, str]:
+    out = ns.cluster.kubectl("get", "ftj", name, "-n", ns.name, "-o", "wide").stdout.splitlines()
+    header, row = out[0].split(), out[1].split(maxsplit=len(out[0].split()) - 1)
+    return dict(zip(header, row, strict=False))
+
+
+def test_apply_train_and_watch_progress(e2e: E2E) -> None:
+    ns = e2e.ns
+    seed_volumes(ns)
+    training = {
+        "pretrained_model": "tiny-llama",
+        "quantize_model": True,
+        "quantization_scheme": "bnb-4bit",
+        "peft_implementation": "QLORA",
+        "lora_r": 8,
+        "lora_alpha_over_r": 2,
+        "lora_target_modules": [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        "learning_rate": 0.003,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "num_input_records_to_sample": 480,
+        "validation_ratio": 0.1,
+        "validation_steps": 40,
+    }
+    assert ns.apply(tiny_job("tiny", training)).returncode == 0
+
+    # While it trains, `kubectl get ftj` shows the node, the progress and the loss.
+    def mid_run() -> dict[str, str] | None:
+        row = get_wide(ns, "tiny")
+        progress = row.get("PROGRESS", "<none>")
+        if (
+            row.get("PHASE") == "Running"
+            and progress.isdigit()
+            and 0 < int(progress) < 100
+            and row.get("LOSS") not in (None, "<none>")
+        ):
+            return row
+        return None
+
+    row = wait_for(mid_run, timeout=300, interval=0.5, what="progress and loss in kubectl get ftj")
+    assert row["SCHEME"] == "bnb-4bit" and row["GPU-ARCH"] == "Ampere"
+    assert row["NODE"] in {"gpu-a100", "gpu-a10", "gpu-l40s", "gpu-h100", "gpu-b200"}
+
+    wait_for(
+        lambda: ns.ftj("tiny").get("status", {}).get("phase") in ("Succeeded", "Failed"),
+        timeout=600,
+        interval=1,
+        what="the run to end",
+    )
+    status = ns.ftj("tiny")["status"]
+    log = next(e2e.runtime_dir.glob("*.log")).read_text()
+    assert status["phase"] == "Succeeded", f"{status}\n--- trainer log ---\n{log[-3000:]}"
+
+    adapter = ns.volumes["out"] / "adapters" / "tiny"
+    assert (adapter / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+    summary = json.loads((adapter / "training_summary.json").read_text())
+    result = status["result"]
+    assert result["adapter"] == "pvc://out/adapters/tiny"
+    assert result["steps"] == 120 == summary["steps"]  # ceil(480 / (2 x 2))
+    assert result["recordsSeen"] == 480
+    assert result["finalLoss"] == pytest.approx(summary["final_loss"])
+    progress = status["progress"]
+    assert progress["step"] == progress["totalSteps"] == 120 and progress["percent"] == 100
+    assert progress["evalLoss"] > 0
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert complete["status"] == "True"
+
+
+def test_gpu_only_scheme_on_cpu_fails_with_the_trainers_line(e2e: E2E) -> None:
+    ns = e2e.ns
+    seed_volumes(ns)
+    training = {
+        "pretrained_model": "tiny-llama",
+        "quantize_model": True,
+        "quantization_scheme": "fp8",
+        "peft_implementation": "lora",
+    }
+    assert ns.apply(tiny_job("fp8", training)).returncode == 0
+    wait_for(
+        lambda: ns.ftj("fp8").get("status", {}).get("phase") == "Failed",
+        timeout=300,
+        interval=1,
+        what="Failed",
+    )
+    failed = next(c for c in ns.ftj("fp8")["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidInput"
+    assert failed["message"] == (
+        "quantization scheme fp8 needs a CUDA GPU with compute capability ≥ 9.0 (Hopper or newer); "
+        "no GPU is available"
+    )
+    assert len(ns.pods("fp8")) == 1  # not retried: it cannot succeed
+
+
+def test_trainer_token_can_patch_only_its_own_status(e2e: E2E) -> None:
+    """The per-job ServiceAccount may patch its FineTuneJob's status and nothing else."""
+    ns = e2e.ns
+    seed_volumes(ns)
+    quiet = {
+        "pretrained_model": "tiny-llama",
+        "quantize_model": True,
+        "quantization_scheme": "nvfp4",
+        "peft_implementation": "lora",
+    }
+    for name in ("mine", "other"):
+        assert ns.apply(tiny_job(name, quiet)).returncode == 0
+    wait_for(
+        lambda: (
+            ns.cluster.core.list_namespaced_service_account(
+                ns.name, field_selector="metadata.name=mine-trainer"
+            ).items
+            and ns.cluster.core.read_namespaced_service_account("mine-trainer", ns.name).secrets
+        ),
+        what="trainer token",
+    )
+    secret = (
+        ns.cluster.core.read_namespaced_service_account("mine-trainer", ns.name).secrets[0].name
+    )
+    token = base64.b64decode(
+        ns.cluster.core.read_namespaced_secret(secret, ns.name).data["token"]
+    ).decode()
+
+    def can(*args: str) -> bool:
+        result = subprocess.run(
+            ["kubectl", "--token", token, "--kubeconfig", "/dev/null", "--server", _server(ns.cluster), "--insecure-skip-tls-verify", *args],
+            capture_output=True, text=True, env=ns.cluster.env, check=False,
+        )  # fmt: skip
+        return result.returncode == 0
+
+    assert can_via_api(ns, token, "mine")
+    assert not can_via_api(ns, token, "other")
+    assert not can("get", "secrets", "-n", ns.name)
+    assert not can("delete", "ftj", "mine", "-n", ns.name)
+
+
+def _server(cluster: Cluster) -> str:
+    return str(json.loads((cluster.root / "endpoints.json").read_text())["server"])
+
+
+def can_via_api(ns: Namespace, token: str, name: str) -> bool:
+    """PATCH .../finetunejobs/NAME/status with the token, as the trainer does."""
+    url = f"{_server(ns.cluster)}/apis/finetune.dev/v1alpha1/namespaces/{ns.name}/finetunejobs/{name}/status"
+    request = urllib.request.Request(
+        url,
+        data=b'{"status": {"progress": {"step": 1}}}',
+        method="PATCH",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/merge-patch+json",
+        },
+    )
+    context = ssl.create_default_context(cafile=str(ns.cluster.root / "pki" / "ca.crt"))
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 403:  # anything but "forbidden" is a broken test, not a refusal
+            raise
+        return False
