@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from crdschema import CRD_FILE, schema_errors
 
+from crdschema import CRD_FILE, schema_errors
 from finetune_api.crd import build_crd, render_crd
 
 REPO = Path(__file__).resolve().parents[2]

@@ -7,7 +7,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes.client import ApiClient
-from podsecurity import restricted_violations
 
 from finetune_api.resource import FineTuneJobSpec
 from finetune_api.trainer_config import TrainerConfig
@@ -15,6 +14,7 @@ from finetune_operator import builders
 from finetune_operator.builders import JobIdentity
 from finetune_operator.placement import gpu_requirement
 from finetune_operator.settings import Settings
+from podsecurity import restricted_violations
 
 JOB = JobIdentity(name="llama-sft", namespace="ml", uid="0000-1111", generation=3)
 SERIALIZE = ApiClient().sanitize_for_serialization
@@ -61,7 +61,11 @@ def test_the_checker_catches_violations() -> None:
 
 def test_gpu_request_toleration_and_user_placement() -> None:
     s = spec(
-        training={"quantize_model": True, "quantization_scheme": "bnb-4bit", "pretrained_model": "acme/unlisted"},
+        training={
+            "quantize_model": True,
+            "quantization_scheme": "bnb-4bit",
+            "pretrained_model": "acme/unlisted",
+        },
         resources={"gpus": 2, "cpu": 8, "memory": "64Gi"},
         placement={
             "nodeSelector": {"pool": "training"},

@@ -1,0 +1,156 @@
+# finetune-operator images: one Dockerfile, two targets.
+#
+#   operator  the kopf operator: API models + operator package, `pip install '.[operator]'`, no torch
+#   trainer   the trainer: API models + trainer package, `pip install '.[trainer]'`, CUDA torch
+#
+# Build (BuildKit, the default builder since Docker 23, or `docker buildx build`; it builds only the
+# stages the chosen target needs, so the operator build never touches the trainer stages):
+#
+#   docker build --target operator -t ghcr.io/finetune-operator/operator:0.1.0 .
+#   docker build --target trainer  -t ghcr.io/finetune-operator/trainer:0.1.0 .
+#
+# The Helm chart expects exactly these two images, tagged with the project version (0.1.0, the
+# chart's appVersion):
+#   ghcr.io/finetune-operator/operator:0.1.0
+#   ghcr.io/finetune-operator/trainer:0.1.0
+# Pass --build-arg VERSION=... --build-arg REVISION=$(git rev-parse HEAD) to fill the OCI labels.
+#
+# Base images are pinned to exact version tags. They are not pinned by digest here because no
+# digest was checked against the registry when this file was written; resolve them with
+# `docker buildx imagetools inspect <image:tag>` and append `@sha256:...` to each FROM line.
+#
+# Runtime: both images run as UID/GID 65532 (a passwd entry exists, so getpass/getpwuid work) and
+# expect a read-only root filesystem. Writable paths, to mount as emptyDir volumes:
+#   operator  /tmp
+#   trainer   /tmp, and /cache: Hugging Face downloads (HF_HOME=/cache/huggingface, sized for the
+#             base model) plus Triton and TorchInductor kernel caches. HOME is /tmp.
+# The trainer image needs an NVIDIA driver that supports CUDA 13.0 (R580 or newer) on the node.
+
+# ---------------------------------------------------------------------------------------------
+# operator
+# ---------------------------------------------------------------------------------------------
+FROM python:3.12.12-slim-bookworm AS operator-builder
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+WORKDIR /src
+
+# Dependencies first, from pyproject.toml alone: this layer is reused until pyproject.toml changes.
+COPY pyproject.toml README.md ./
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" operator > /tmp/requirements.txt \
+ && pip install --no-cache-dir -r /tmp/requirements.txt
+
+# Then the code the operator runs: the API models and the operator package (no trainer code).
+COPY api/ api/
+COPY operator/ operator/
+RUN pip install --no-cache-dir './[operator]' \
+ && pip check
+
+FROM python:3.12.12-slim-bookworm AS operator
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/finetune-operator/finetune-operator
+LABEL org.opencontainers.image.title="finetune-operator" \
+      org.opencontainers.image.description="Kubernetes operator that runs quantized LoRA fine-tuning (FineTuneJob) on GPUs that can run the chosen scheme" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/python:3.12.12-slim-bookworm"
+
+RUN groupadd --system --gid 65532 finetune \
+ && useradd --system --uid 65532 --gid 65532 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin finetune
+
+COPY --from=operator-builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+
+USER 65532:65532
+ENTRYPOINT ["finetune-operator"]
+
+# ---------------------------------------------------------------------------------------------
+# trainer
+# ---------------------------------------------------------------------------------------------
+# The CUDA runtime image matches the CUDA 13.0 build of torch installed below (torch's wheels
+# carry their own CUDA libraries; the base image adds the driver-facing setup and the rest of
+# the CUDA runtime). Ubuntu 24.04 provides Python 3.12; builder and final stage share the base,
+# so the venv's interpreter path (/usr/bin/python3.12) exists in both.
+# Triton builds a small launcher with the system C compiler the first time it runs a kernel, and
+# the fp8, mxfp4 (transformers' Triton kernels) and nvfp4 (torchao) schemes run Triton kernels:
+# the final stage therefore carries gcc and libc6-dev as runtime dependencies (as PyTorch's own
+# CUDA images do). No other build tool reaches it.
+FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS trainer-builder
+
+# Ubuntu's python3.12 packages are not pinned: the update pockets serve only the newest build
+# of a package, so a pinned version would stop installing as soon as the next fix ships.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && rm -rf /var/lib/apt/lists/*
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python3.12 -m venv /opt/venv
+
+# torch first and on its own: the largest layer, and it changes least. The CUDA wheel index;
+# later installs are constrained to this exact version so nothing swaps it for another build.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}" \
+ && echo "torch==${TORCH_VERSION}" > /opt/torch-constraint.txt
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies'][sys.argv[1]]))" trainer > /tmp/requirements.txt \
+ && pip install --no-cache-dir -c /opt/torch-constraint.txt -r /tmp/requirements.txt
+
+COPY api/ api/
+COPY trainer/ trainer/
+RUN pip install --no-cache-dir -c /opt/torch-constraint.txt './[trainer]' \
+ && pip check
+
+FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04 AS trainer
+
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/finetune-operator/finetune-operator
+LABEL org.opencontainers.image.title="finetune-trainer" \
+      org.opencontainers.image.description="Quantized LoRA fine-tuning worker for finetune-operator (CUDA 13.0, PyTorch)" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.source="${SOURCE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/nvidia/cuda:13.0.2-runtime-ubuntu24.04"
+
+# The interpreter, CA certificates (for the Hugging Face Hub) and the C compiler Triton needs at
+# run time (see above); see the builder stage for why the Ubuntu packages are not pinned.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 ca-certificates gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 65532 finetune \
+ && useradd --system --uid 65532 --gid 65532 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin finetune \
+ && install -d -o 65532 -g 65532 -m 0750 /cache
+
+COPY --from=trainer-builder /opt/venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    XDG_CACHE_HOME=/cache \
+    HF_HOME=/cache/huggingface \
+    TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor
+
+USER 65532:65532
+ENTRYPOINT ["finetune-trainer"]

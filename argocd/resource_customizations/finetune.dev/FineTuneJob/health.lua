@@ -1,0 +1,254 @@
+-- Argo CD health check for finetune.dev/FineTuneJob.
+--
+-- Argo CD sets the global `obj` (the live object) and takes the table this chunk returns.
+-- Only the Lua 5.1 base library is used: a check configured in argocd-cm runs without the
+-- string, math, os and io libraries unless useOpenLibs is set, and numbers are printed with
+-- tostring() only when they are whole (Lua 5.1 and gopher-lua agree on those; not on fractions).
+--
+-- Order of the checks:
+--   no status / status older than metadata.generation -> Progressing (waiting for the operator)
+--   Validated=False, phase Failed or Failed=True        -> Degraded
+--   phase Succeeded or Complete=True                    -> Healthy
+--   phase Suspended, or spec.suspend and Suspended=True -> Suspended
+--   anything else (waiting for a GPU, running)          -> Progressing
+
+local hs = {}
+
+local function condition(status, wanted)
+  if type(status.conditions) ~= "table" then
+    return nil
+  end
+  for _, c in ipairs(status.conditions) do
+    if type(c) == "table" and c.type == wanted then
+      return c
+    end
+  end
+  return nil
+end
+
+local function has(c, value)
+  return c ~= nil and c.status == value
+end
+
+local function nonempty(value)
+  return type(value) == "string" and value ~= ""
+end
+
+-- A condition's message, else its reason, else the fallback.
+local function explain(c, fallback)
+  if c ~= nil then
+    if nonempty(c.message) then
+      return c.message
+    end
+    if nonempty(c.reason) then
+      return c.reason
+    end
+  end
+  return fallback
+end
+
+-- A whole number as text ("30"), or nil when the value is not a number.
+local function whole(value)
+  local n = tonumber(value)
+  if n == nil then
+    return nil
+  end
+  return tostring(n - n % 1)
+end
+
+-- A number with three decimals ("1.234"), built from whole numbers only.
+local function decimal3(value)
+  local n = tonumber(value)
+  if n == nil then
+    return nil
+  end
+  if n ~= n then
+    return "nan"
+  end
+  if n == 1 / 0 or n == -1 / 0 then
+    return "inf"
+  end
+  local sign = ""
+  if n < 0 then
+    sign = "-"
+    n = -n
+  end
+  local scaled = n * 1000 + 0.5
+  scaled = scaled - scaled % 1
+  if scaled == 0 then
+    sign = ""
+  end
+  local fraction = scaled % 1000
+  local pad = ""
+  if fraction < 10 then
+    pad = "00"
+  elseif fraction < 100 then
+    pad = "0"
+  end
+  return sign .. tostring((scaled - fraction) / 1000) .. "." .. pad .. tostring(fraction)
+end
+
+-- "step 30/100 (30%), loss 1.234", or nil when the trainer has reported nothing yet.
+local function progress_text(progress)
+  if type(progress) ~= "table" then
+    return nil
+  end
+  local parts = nil
+  local step = whole(progress.step)
+  local total = whole(progress.totalSteps)
+  if step ~= nil then
+    parts = "step " .. step
+    if total ~= nil and tonumber(total) > 0 then
+      parts = parts .. "/" .. total
+      local percent = whole(progress.percent)
+      if percent == nil then
+        percent = whole(tonumber(step) * 100 / tonumber(total))
+      end
+      parts = parts .. " (" .. percent .. "%)"
+    end
+  end
+  local loss = decimal3(progress.loss)
+  if loss ~= nil then
+    if parts == nil then
+      parts = "loss " .. loss
+    else
+      parts = parts .. ", loss " .. loss
+    end
+  end
+  return parts
+end
+
+-- Appended when the spec was edited after the training Job was created (the edit does not reach
+-- the running or finished Job).
+local function spec_changed_note(status)
+  local changed = condition(status, "SpecChanged")
+  if has(changed, "True") then
+    return "; " .. explain(changed, "the spec changed after the training Job was created")
+  end
+  return ""
+end
+
+local status = obj.status
+if type(status) ~= "table" then
+  hs.status = "Progressing"
+  hs.message = "waiting for the operator"
+  return hs
+end
+
+local metadata = obj.metadata or {}
+local generation = tonumber(metadata.generation)
+local observed = tonumber(status.observedGeneration)
+if generation ~= nil and (observed == nil or observed < generation) then
+  hs.status = "Progressing"
+  hs.message = "waiting for the operator: generation " .. whole(generation) .. " not observed yet"
+  if observed ~= nil then
+    hs.message = hs.message .. " (status is for generation " .. whole(observed) .. ")"
+  end
+  return hs
+end
+
+local spec = obj.spec or {}
+local phase = status.phase
+local validated = condition(status, "Validated")
+local scheduled = condition(status, "Scheduled")
+local running = condition(status, "Running")
+local complete = condition(status, "Complete")
+local failed = condition(status, "Failed")
+local suspended = condition(status, "Suspended")
+
+if has(validated, "False") then
+  hs.status = "Degraded"
+  hs.message = explain(validated, "the spec is invalid")
+  return hs
+end
+
+if phase == "Failed" or has(failed, "True") then
+  hs.status = "Degraded"
+  hs.message = explain(failed, "training failed") .. spec_changed_note(status)
+  return hs
+end
+
+if phase == "Succeeded" or has(complete, "True") then
+  hs.status = "Healthy"
+  local result = status.result
+  if type(result) == "table" and nonempty(result.adapter) then
+    hs.message = "adapter written to " .. result.adapter
+  else
+    hs.message = explain(complete, "training complete")
+  end
+  hs.message = hs.message .. spec_changed_note(status)
+  return hs
+end
+
+if phase == "Suspended" or (spec.suspend == true and has(suspended, "True")) then
+  hs.status = "Suspended"
+  hs.message = explain(suspended, "suspended: spec.suspend is true")
+  return hs
+end
+
+if spec.suspend == true then
+  hs.status = "Progressing"
+  hs.message = "suspending: " .. explain(suspended, "stopping the training pod")
+  return hs
+end
+
+if phase == "Running" or has(running, "True") then
+  hs.status = "Progressing"
+  local done = progress_text(status.progress)
+  if done ~= nil then
+    hs.message = "training: " .. done
+  elseif running ~= nil and nonempty(running.message) then
+    hs.message = running.message
+  else
+    hs.message = "training: started, no progress reported yet"
+  end
+  hs.message = hs.message .. spec_changed_note(status)
+  return hs
+end
+
+-- A training pod failed and the Job starts another one (within spec.backoffLimit).
+if has(running, "False") and running.reason == "Retrying" then
+  hs.status = "Progressing"
+  hs.message = explain(running, "retrying after a failed attempt")
+  return hs
+end
+
+if has(scheduled, "False") then
+  hs.status = "Progressing"
+  if scheduled.reason == "NoCompatibleGPU" or scheduled.reason == "InsufficientGPUMemory" then
+    hs.message = "waiting for a GPU: " .. explain(scheduled, scheduled.reason)
+  else
+    hs.message = explain(scheduled, "waiting to be scheduled")
+  end
+  return hs
+end
+
+hs.status = "Progressing"
+local placement = status.placement
+if type(placement) ~= "table" then
+  placement = {}
+end
+if has(scheduled, "True") then
+  if nonempty(placement.node) then
+    hs.message = "scheduled on node " .. placement.node
+    if nonempty(placement.gpuProduct) then
+      hs.message = hs.message .. " (" .. placement.gpuProduct .. ")"
+    end
+    hs.message = hs.message .. "; waiting for the trainer to start"
+  else
+    hs.message = explain(scheduled, "scheduled; waiting for the trainer to start")
+  end
+elseif has(validated, "True") then
+  if nonempty(placement.requiredComputeCapability) then
+    hs.message = "validated; waiting for a node with compute capability >= "
+      .. placement.requiredComputeCapability
+    if nonempty(placement.architecture) then
+      hs.message = hs.message .. " (" .. placement.architecture .. " or newer)"
+    end
+  else
+    hs.message = "validated; waiting for the training pod to be scheduled"
+  end
+else
+  hs.message = "waiting for the operator to validate the spec"
+end
+return hs
