@@ -72,7 +72,7 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
         "name": "Message",
         "type": "string",
         "priority": 1,
-        "jsonPath": '.status.conditions[?(@.type=="Scheduled")].message',
+        "jsonPath": ".status.message",
     },
 ]
 

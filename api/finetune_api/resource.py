@@ -475,6 +475,12 @@ class FineTuneJobStatus(StatusModel):
     phase: Annotated[
         Phase | None, Field(description="Pending, Running, Succeeded, Failed or Suspended.")
     ] = None
+    message: Annotated[
+        str | None,
+        Field(
+            description="One line on the current phase: why it waits, where it runs, what it produced."
+        ),
+    ] = None
     conditions: Annotated[
         list[Condition], Field(description="Current conditions, one per type.")
     ] = Field(default_factory=list)

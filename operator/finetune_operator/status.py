@@ -137,6 +137,7 @@ def derive(
     )
     phase, reason, message = _phase(b, obs, status)
     status.phase = phase
+    status.message = message
     if obs.spec_changed:
         b.set(
             ConditionType.SPEC_CHANGED,

@@ -75,8 +75,8 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             step=step,
             total_steps=plan.steps,
             epoch=round(plan.records_after(step) / plan.train_records, 4),
-            loss=self.loss,
-            eval_loss=self.eval_loss,
+            loss=_display(self.loss),
+            eval_loss=_display(self.eval_loss),
             percent=min(100, 100 * step // plan.steps),
             update_time=now_rfc3339(),
         )
@@ -118,6 +118,11 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.loss = float(entry["loss"])
         if "eval_loss" in entry:
             self.eval_loss = float(entry["eval_loss"])
+
+
+def _display(loss: float | None) -> float | None:
+    """Four decimals are what `kubectl get ftj` has room for; the result keeps full precision."""
+    return None if loss is None else round(loss, 4)
 
 
 def build_trainer(
