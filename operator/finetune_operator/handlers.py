@@ -13,6 +13,7 @@ from typing import Any, cast
 import kopf
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
+from finetune_operator import webhook
 from finetune_operator.builders import LABEL_NAME, LABEL_UID
 from finetune_operator.kube import Kube, load_config
 from finetune_operator.reconcile import Reconciler
@@ -27,6 +28,18 @@ def configure(settings: Settings) -> None:
     load_config()
     _state["settings"] = settings
     _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+    if settings.webhook:
+        # kopf refuses to start with admission handlers but no server: register only when served.
+        kopf.on.validate(*FTJ, id="spec", operations=["CREATE", "UPDATE"], ignore_failures=True)(
+            validate
+        )
+
+
+def validate(body: kopf.Body, **kwargs: Any) -> None:
+    """Admission: refuse a FineTuneJob the API model rejects, with the model's message."""
+    message = webhook.admission_error(body, kwargs.get("old"))
+    if message is not None:
+        raise kopf.AdmissionError(message, code=422)
 
 
 def _reconciler() -> Reconciler:
@@ -46,6 +59,17 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
+    ours: Settings = _state["settings"]
+    if ours.webhook:
+        service = None
+        if ours.webhook_service and ours.webhook_namespace:
+            service = webhook.ServiceRef(
+                ours.webhook_service, ours.webhook_namespace, ours.webhook_port
+            )
+        settings.admission.server = webhook.build_endpoint(
+            ours.webhook_host, ours.webhook_port, ours.webhook_cert_dir, service, ours.webhook_url
+        )
+        settings.admission.managed = webhook.CONFIGURATION_NAME
 
 
 @kopf.on.resume(*FTJ)

@@ -47,9 +47,12 @@ class Settings:
     namespaces: tuple[str, ...] = ()
     peering: str | None = None
     liveness: str | None = None
-    webhook_host: str | None = None
+    webhook: bool = False
+    webhook_host: str = "0.0.0.0"
     webhook_port: int = 9443
     webhook_cert_dir: str | None = None
+    webhook_service: str | None = None
+    webhook_namespace: str | None = None
     webhook_url: str | None = None
 
     @property
@@ -128,14 +131,21 @@ def build_parser() -> argparse.ArgumentParser:
              "[FINETUNE_PEERING]")  # fmt: skip
     add("--liveness", default=_env("LIVENESS"),
         help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz [FINETUNE_LIVENESS]")  # fmt: skip
-    add("--webhook-host", default=_env("WEBHOOK_HOST"),
-        help="serve the validating admission webhook on this address; off when unset "
-             "[FINETUNE_WEBHOOK_HOST]")  # fmt: skip
+    add("--webhook", type=_bool, default=_bool(_env("WEBHOOK", "false") or "false"),
+        help="serve the validating admission webhook and manage its "
+             "ValidatingWebhookConfiguration [FINETUNE_WEBHOOK]")  # fmt: skip
+    add("--webhook-host", default=_env("WEBHOOK_HOST", "0.0.0.0"),
+        help="address the webhook listens on [FINETUNE_WEBHOOK_HOST]")  # fmt: skip
     add("--webhook-port", type=int, default=int(_env("WEBHOOK_PORT", "9443") or "9443"),
         help="webhook port [FINETUNE_WEBHOOK_PORT]")  # fmt: skip
     add("--webhook-cert-dir", default=_env("WEBHOOK_CERT_DIR"),
         help="directory with tls.crt and tls.key (e.g. from cert-manager); a self-signed "
              "certificate is generated when unset [FINETUNE_WEBHOOK_CERT_DIR]")  # fmt: skip
+    add("--webhook-service", default=_env("WEBHOOK_SERVICE"),
+        help="Service in front of the webhook; the API server calls it through this Service "
+             "[FINETUNE_WEBHOOK_SERVICE]")  # fmt: skip
+    add("--webhook-namespace", default=_env("WEBHOOK_NAMESPACE", os.environ.get("POD_NAMESPACE")),
+        help="namespace of that Service [FINETUNE_WEBHOOK_NAMESPACE, else POD_NAMESPACE]")  # fmt: skip
     add("--webhook-url", default=_env("WEBHOOK_URL"),
         help="URL the API server calls instead of the in-cluster Service (e.g. for a local "
              "control plane) [FINETUNE_WEBHOOK_URL]")  # fmt: skip
@@ -153,6 +163,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         table = parse_capability_table(args.min_capability or "")
     except ValueError as exc:
         parser.error(f"--min-capability: {exc}")
+    if args.webhook and args.webhook_service and not args.webhook_namespace:
+        parser.error("--webhook-service needs --webhook-namespace (or POD_NAMESPACE)")
+    if args.webhook and not (args.webhook_service or args.webhook_url):
+        parser.error("--webhook needs --webhook-service (in a cluster) or --webhook-url")
     return Settings(
         trainer_image=args.trainer_image,
         image_pull_policy=args.image_pull_policy,
@@ -173,8 +187,11 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         namespaces=tuple(namespaces),
         peering=args.peering,
         liveness=args.liveness,
+        webhook=args.webhook,
         webhook_host=args.webhook_host,
         webhook_port=args.webhook_port,
         webhook_cert_dir=args.webhook_cert_dir,
+        webhook_service=args.webhook_service,
+        webhook_namespace=args.webhook_namespace,
         webhook_url=args.webhook_url,
     )

@@ -26,7 +26,11 @@ CRD = REPO / "crds" / "finetunejobs.finetune.dev.yaml"
 
 
 def wait_for(
-    predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.3, what: str = ""
+    predicate: Callable[[], Any],
+    timeout: float = 60,
+    interval: float = 0.3,
+    what: str = "",
+    describe: Callable[[], Any] | None = None,
 ) -> Any:
     """Poll until predicate() is truthy; return its value or fail naming what was awaited."""
     deadline = time.monotonic() + timeout
@@ -36,8 +40,9 @@ def wait_for(
         if last:
             return last
         time.sleep(interval)
+    context = describe() if describe is not None else last
     raise AssertionError(
-        f"timed out after {timeout:.0f}s waiting for {what or predicate}; last: {last!r}"
+        f"timed out after {timeout:.0f}s waiting for {what or predicate}; last: {context!r}"
     )
 
 
@@ -270,9 +275,15 @@ def remove_namespace(ns: Namespace) -> None:
         check=False,
     )
     cluster.core.delete_namespace(ns.name)
-    wait_for(
-        lambda: not cluster.core.list_namespaced_pod(ns.name).items, what=f"pods of {ns.name} gone"
-    )
+
+    def pods_left() -> list[str]:
+        pods = cluster.core.list_namespaced_pod(ns.name).items
+        return [
+            f"{p.metadata.name} {p.status.phase} node={p.spec.node_name} deleting={p.metadata.deletion_timestamp is not None}"
+            for p in pods
+        ]
+
+    wait_for(lambda: not pods_left(), what=f"pods of {ns.name} gone", describe=pods_left)
     for claim in ns.volumes:
         cluster.core.delete_persistent_volume(f"{ns.name}-{claim}")
 
