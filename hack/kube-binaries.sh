@@ -21,8 +21,12 @@ have_all() {
   for bin in "${kube_bins[@]}" etcd; do [[ -x "$dir/$bin" ]] || return 1; done
 }
 
+work=""
+cleanup() { if [[ -n $work ]]; then rm -rf "$work"; fi; }
+trap cleanup EXIT
+
 build() {
-  local work src
+  local src
   for tool in go rsync jq dpkg-source apt-get; do
     command -v "$tool" >/dev/null || { log "missing '$tool' (see DEVELOPERS.md: apt-get install golang-go rsync jq dpkg-dev)"; exit 1; }
   done
@@ -30,7 +34,6 @@ build() {
     [[ -d $dir ]] || { log "missing $dir (apt-get install golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)"; exit 1; }
   done
   work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
   log "building Kubernetes $KUBE_VERSION from Debian's source package in $work (one time)"
   (cd "$work" && apt-get source kubernetes >"$work/source.log" 2>&1) || { cat "$work/source.log" >&2; log "apt-get source kubernetes failed: is there a deb-src entry?"; exit 1; }
   src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)
