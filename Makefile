@@ -38,13 +38,16 @@ lint:
 typecheck:
 	mypy
 
-crds: ## Regenerate crds/ from the API models
-	$(PY) -m finetune_api.crd crds/finetunejobs.finetune.dev.yaml
+CRD := finetunejobs.finetune.dev.yaml
+
+crds: ## Regenerate crds/ (and the chart's copy) from the API models
+	$(PY) -m finetune_api.crd
 
 crds-check:
 	$(PY) -m finetune_api.crd $(VENV)/crd-check.yaml >/dev/null
-	diff -u crds/finetunejobs.finetune.dev.yaml $(VENV)/crd-check.yaml || \
-		{ echo "crds/ is stale: run 'make crds'"; exit 1; }
+	diff -u crds/$(CRD) $(VENV)/crd-check.yaml || { echo "crds/ is stale: run 'make crds'"; exit 1; }
+	diff -u charts/finetune-operator/files/$(CRD) $(VENV)/crd-check.yaml || \
+		{ echo "the chart's CRD is stale: run 'make crds'"; exit 1; }
 
 cluster-up: setup ## Start the local control plane (.cluster/kubeconfig)
 	$(PY) hack/localcluster.py up .cluster

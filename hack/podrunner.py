@@ -26,6 +26,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any
 from kubernetes import client
 
 TERMINATION_LIMIT = 4096
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -80,7 +82,8 @@ class LocalRuntime:
         argv = list(container.command or self.images[container.image]) + list(container.args or [])
         env = self._env(pod, container)
         log_path = self.workdir / f"{pod.metadata.namespace}-{pod.metadata.name}.log"
-        script = self._script(mounts, container, argv)
+        stage = f"/run/podrunner-{base.name}"  # outside every volume's mount path
+        script = self._script(mounts, container, argv, stage)
         with open(log_path, "wb") as log:
             proc = subprocess.run(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
@@ -90,6 +93,7 @@ class LocalRuntime:
             m for m in mounts if m.target.startswith(("/etc/", "/var/run/", "/mnt/", "/dev/"))
         ]
         _cleanup_mountpoints(created)
+        shutil.rmtree(stage, ignore_errors=True)  # empty on the host: the mounts were private
         message = termination.read_text(errors="replace")[:TERMINATION_LIMIT]
         if (
             not message.strip()
@@ -166,37 +170,58 @@ class LocalRuntime:
                 }[path]
         return env
 
-    def _script(self, mounts: list[Mount], container: Any, argv: list[str]) -> str:
+    def _script(self, mounts: list[Mount], container: Any, argv: list[str], stage: str) -> str:
+        """The shell script run inside the new mount namespace.
+
+        A volume mounted over a directory that holds host paths the process still needs (an
+        emptyDir at /tmp while this checkout, its virtual environment or the volume sources live
+        under /tmp) would hide them: such paths are first bind-mounted to a staging directory,
+        then put back at their own path inside the new mount."""
+        targets = [m.target for m in mounts if not m.is_file and m.target != "/"]
+        wanted = {str(m.source) for m in mounts if not m.is_file} | {
+            sys.prefix,
+            str(REPO),
+            str(self.workdir),
+        }
+        keep = [
+            k
+            for k in sorted(wanted)
+            if not any(k != o and Path(k).is_relative_to(o) for o in wanted)
+        ]
+        covered = [k for k in keep if any(Path(k).is_relative_to(t) for t in targets)]
         lines = ["set -e"]
-        for m in _mount_order(mounts):
+        if covered:
+            lines.append(f"mkdir -p {stage}")
+        for index, path in enumerate(covered):
+            lines += [
+                f"mkdir -p {stage}/{index}",
+                f"mount --bind {shlex.quote(path)} {stage}/{index}",
+            ]
+
+        def source(path: Path) -> str:
+            for index, kept in enumerate(covered):
+                if path.is_relative_to(kept):
+                    return f"{stage}/{index}/{path.relative_to(kept)}"
+            return str(path)
+
+        for m in sorted(mounts, key=lambda m: m.target.count("/")):
             target = shlex.quote(m.target)
-            if m.is_file:
-                lines.append(f"[ -e {target} ] || touch {target}")
-            else:
-                lines.append(f"mkdir -p {target}")
-            lines.append(f"mount --bind {shlex.quote(str(m.source))} {target}")
+            lines.append(
+                f"[ -e {target} ] || touch {target}" if m.is_file else f"mkdir -p {target}"
+            )
+            lines.append(f"mount --bind {shlex.quote(source(Path(m.source)))} {target}")
             if m.read_only:
                 lines.append(f"mount -o remount,bind,ro {target}")
+        for index, path in enumerate(covered):
+            lines += [
+                f"mkdir -p {shlex.quote(path)}",
+                f"mount --bind {stage}/{index} {shlex.quote(path)}",
+            ]
         sc = container.security_context
         if sc is not None and sc.read_only_root_filesystem:
             lines.append("mount -o remount,bind,ro /")
         lines.append(f"exec {shlex.join(argv)}")
         return "\n".join(lines)
-
-
-def _mount_order(mounts: list[Mount]) -> list[Mount]:
-    """Parents before children; a mount that would hide another mount's source (an emptyDir
-    at /tmp while sources live under /tmp) goes after every mount whose source it covers."""
-
-    def covers(m: Mount) -> bool:
-        return any(
-            o is not m and Path(o.source).is_relative_to(m.target) and m.target != "/"
-            for o in mounts
-        )
-
-    plain = sorted((m for m in mounts if not covers(m)), key=lambda m: m.target.count("/"))
-    hiding = sorted((m for m in mounts if covers(m)), key=lambda m: -m.target.count("/"))
-    return plain + hiding
 
 
 def _cleanup_mountpoints(mounts: list[Mount]) -> None:

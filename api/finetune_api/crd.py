@@ -9,7 +9,7 @@ schema that apiextensions.k8s.io/v1 accepts on Kubernetes 1.20 and later: refere
 * number or "auto": the same bounds under `x-kubernetes-preserve-unknown-fields`, since
   int-or-string admits no fractions; the webhook and the operator check the type.
 
-Run `python -m finetune_api.crd [PATH]` (or `make crds`).
+Run `python -m finetune_api.crd [PATH...]` (or `make crds`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from finetune_api.resource import (
     FineTuneJobStatus,
 )
 
-CRD_PATH = Path("crds") / f"{PLURAL}.{GROUP}.yaml"
+CRD_FILE = f"{PLURAL}.{GROUP}.yaml"
+# The CRD for `kubectl apply -f crds/`, and the copy the Helm chart templates (charts cannot read
+# files outside their directory).
+CRD_PATHS = (Path("crds") / CRD_FILE, Path("charts") / "finetune-operator" / "files" / CRD_FILE)
 
 # JSON Schema keywords a Kubernetes JSONSchemaProps has no field for.
 _DROP = {"title", "deprecated", "$defs"}
@@ -224,11 +227,13 @@ def render_crd() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Write the CRD to the given paths (default: crds/ and the chart's copy)."""
     args = sys.argv[1:] if argv is None else argv
-    target = Path(args[0]) if args else CRD_PATH
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(render_crd())
-    print(f"wrote {target}")
+    text = render_crd()
+    for target in [Path(a) for a in args] or CRD_PATHS:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        print(f"wrote {target}")
     return 0
 
 

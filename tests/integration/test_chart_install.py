@@ -1,0 +1,189 @@
+"""The rendered Helm chart on a control plane of its own, and the operator running with the chart's
+ServiceAccount token (not admin): its RBAC must be enough for a whole FineTuneJob, and no more."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
+from integration.harness import Cluster, ftj_manifest, make_namespace, wait_for
+from localcluster import LocalCluster, free_port
+from podsecurity import restricted_violations
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "finetune-operator"
+SYSTEM = "finetune-system"
+
+
+def helm() -> str:
+    local = REPO / ".tools" / "bin" / "helm"
+    return str(local) if local.exists() else "helm"
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, FakeKubelet]]:
+    """A control plane without the shared operator: the chart's operator watches every namespace."""
+    root = tmp_path_factory.mktemp("chart-cluster")
+    local = LocalCluster(root)
+    try:
+        local.start()
+        env = dict(os.environ, KUBECONFIG=str(local.kubeconfig))
+        env["PATH"] = f"{REPO / '.tools' / 'bin'}:{env.get('PATH', '')}"
+        api = config.new_client_from_config(str(local.kubeconfig))
+        cluster = Cluster(root=root, kubeconfig=local.kubeconfig, api=api, env=env)
+        for key in ("a100", "h100"):
+            create_gpu_node(cluster.core, f"gpu-{key}", GPU_TYPES[key], gpus=1)
+        with FakeKubelet(api, auto_start=True) as kubelet:
+            yield cluster, kubelet
+    finally:
+        local.stop()
+
+
+def rendered(release: str, namespace: str, *sets: str) -> list[dict[str, Any]]:
+    args = [helm(), "template", release, str(CHART), "-n", namespace, "--include-crds"]
+    for item in sets:
+        args += ["--set", item]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def service_account_kubeconfig(cluster: Cluster, name: str, system: str, path: Path) -> Path:
+    """A kubeconfig that authenticates with the ServiceAccount's token."""
+
+    def token_secret() -> str | None:
+        sa = cluster.core.read_namespaced_service_account(name, system)
+        return sa.secrets[0].name if sa.secrets else None
+
+    found = wait_for(token_secret, what="a token for the operator's ServiceAccount")
+    secret = cluster.core.read_namespaced_secret(found, system)
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    admin["users"] = [
+        {"name": name, "user": {"token": base64.b64decode(secret.data["token"]).decode()}}
+    ]
+    admin["contexts"][0]["context"]["user"] = name
+    path.write_text(json.dumps(admin))
+    return path
+
+
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
+    fresh: tuple[Cluster, FakeKubelet], tmp_path: Path, mode: str
+) -> None:
+    cluster, kubelet = fresh
+    release, system = f"ftj-{mode}", f"{SYSTEM}-{mode}"
+    ns = make_namespace(cluster, tmp_path, prefix="team")
+    docs = rendered(
+        release, system, *([f"watch.namespaces={{{ns.name}}}"] if mode == "namespaced" else [])
+    )
+    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=system)))
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
+    )
+    roles = [d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"]
+    assert roles == ([ns.name] if mode == "namespaced" else [])
+
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    sa_config = service_account_kubeconfig(
+        cluster, pod["serviceAccountName"], system, tmp_path / "sa.kubeconfig"
+    )
+
+    # The Deployment's own arguments; only the listening addresses move to loopback.
+    port = free_port()
+    args = [a for a in pod["containers"][0]["args"] if not a.startswith("--liveness=")]
+    args += ["--webhook-host=127.0.0.1", f"--webhook-port={port}"]
+    env = dict(
+        cluster.env, KUBECONFIG=str(sa_config), POD_ID=f"operator-{mode}", POD_NAMESPACE=system
+    )
+    log = tmp_path / "operator.log"
+    with open(log, "wb") as out:
+        operator = subprocess.Popen(
+            [sys.executable, "-m", "finetune_operator.main", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        training = {"quantize_model": True, "quantization_scheme": "bnb-4bit"}
+        assert ns.apply(ftj_manifest("llama", training)).returncode == 0
+
+        def running() -> Any:
+            pods = [p for p in ns.pods("llama") if p.status.phase == "Running"]
+            return (
+                pods[0]
+                if pods and ns.ftj("llama").get("status", {}).get("phase") == "Running"
+                else None
+            )
+
+        training_pod = wait_for(running, timeout=90, what="the job Running", describe=log.read_text)
+        job = cluster.batch.read_namespaced_job("llama-train", ns.name)
+        assert (
+            restricted_violations(
+                client.ApiClient().sanitize_for_serialization(job.spec.template.spec)
+            )
+            == []
+        )
+        outcome = {"outcome": "Succeeded", "reason": "Completed", "result": {"steps": 5}}
+        kubelet.finish(training_pod, 0, json.dumps(outcome))
+        wait_for(
+            lambda: ns.ftj("llama")["status"].get("phase") == "Succeeded",
+            timeout=60,
+            what="Succeeded",
+            describe=log.read_text,
+        )
+        events = cluster.core.list_namespaced_event(
+            ns.name, field_selector="involvedObject.name=llama"
+        ).items
+        assert {"Running", "Completed"} <= {e.reason for e in events}
+        admission = client.AdmissionregistrationV1Api(cluster.api)
+        config_ = admission.read_validating_webhook_configuration("finetune-operator.finetune.dev")
+        assert (
+            config_.webhooks[0].client_config.service.name == f"{release}-finetune-operator-webhook"
+        )
+        assert "Forbidden" not in log.read_text(), log.read_text()
+    finally:
+        operator.terminate()
+        operator.wait(timeout=30)
+        cluster.kubectl("delete", "ftj", "--all", "-n", ns.name, "--wait=true")
+
+    def can(*request: str) -> bool:
+        result = subprocess.run(
+            ["kubectl", "--kubeconfig", str(sa_config), "auth", "can-i", *request],
+            capture_output=True, text=True, env=cluster.env, check=False,
+        )  # fmt: skip
+        return result.stdout.strip() == "yes"
+
+    assert can("create", "jobs.batch", "-n", ns.name)
+    assert can("patch", "finetunejobs.finetune.dev/status", "-n", ns.name)
+    for forbidden in (
+        ("get", "secrets", "-n", ns.name),
+        ("delete", "nodes"),
+        ("create", "deployments.apps", "-n", ns.name),
+        ("delete", "finetunejobs.finetune.dev", "-n", ns.name),
+        ("update", "finetunejobs.finetune.dev", "-n", ns.name),
+        ("create", "pods", "-n", ns.name),
+        ("patch", "validatingwebhookconfigurations.admissionregistration.k8s.io/someone-else"),
+    ):
+        assert not can(*forbidden), forbidden
+    if mode == "namespaced":
+        assert not can("create", "jobs.batch", "-n", "default")  # only the watched namespaces
+    refused = subprocess.run(
+        ["kubectl", "--kubeconfig", str(sa_config), "get", "secrets", "-n", ns.name],
+        capture_output=True, text=True, env=cluster.env, check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "forbidden" in refused.stderr.lower()
