@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup demo test test-unit test-integration test-training verify lint typecheck \
-	crds crds-check cluster-up cluster-down
+	crds crds-check chart-lint cluster-up cluster-down
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -29,7 +29,7 @@ test-integration: setup ## Tests on the local control plane
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
 
-verify: setup lint typecheck crds-check ## ruff, ruff format, mypy and the CRD diff
+verify: setup lint typecheck crds-check chart-lint ## ruff, ruff format, mypy, CRD diff, helm lint, hadolint
 
 lint:
 	ruff check .
@@ -37,6 +37,11 @@ lint:
 
 typecheck:
 	mypy
+
+chart-lint:
+	helm lint --strict charts/finetune-operator
+	for values in charts/finetune-operator/ci/*.yaml; do helm lint --strict charts/finetune-operator -f $$values; done
+	hadolint Dockerfile
 
 CRD := finetunejobs.finetune.dev.yaml
 

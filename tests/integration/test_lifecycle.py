@@ -80,6 +80,30 @@ def test_example_and_safe_synthesizer_block_pass_server_validation(namespace: Na
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    # A Safe Synthesizer `training:` block, snake_case, pasted unchanged (every field set).
+    safe_synth = {
+        "num_input_records_to_sample": 5000, "batch_size": 2, "gradient_accumulation_steps": 4,
+        "weight_decay": 0.01, "warmup_ratio": 0.1, "lr_scheduler": "linear", "learning_rate": 0.0005,
+        "lora_r": 16, "lora_alpha_over_r": 2.0, "lora_target_modules": ["q_proj", "v_proj"],
+        "rope_scaling_factor": 2, "validation_ratio": 0.1, "validation_steps": 20,
+        "pretrained_model": "meta-llama/Llama-3.2-1B", "quantize_model": True,
+        "quantization_bits": 4, "quantization_scheme": "bnb-4bit", "peft_implementation": "QLORA",
+        "max_vram_fraction": 0.9, "attn_implementation": "sdpa",
+    }  # fmt: skip
+    manifest = ftj_manifest("pasted", safe_synth)
+    result = namespace.cluster.kubectl(
+        "apply", "--dry-run=server", "-o", "json", "-n", namespace.name, "-f", "-",
+        input=json.dumps(manifest), check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["spec"]["training"] == safe_synth
+
+
+def test_kubectl_explain_explains_training_fields(namespace: Namespace) -> None:
+    result = namespace.cluster.kubectl("explain", "finetunejob.spec.training.lora_r")
+    assert "Rank of the LoRA update matrices" in result.stdout
+    result = namespace.cluster.kubectl("explain", "ftj.spec.dataset.promptField")
+    assert "Column holding the prompt" in result.stdout
 
 
 def test_cross_field_error_sets_validated_false_without_children(namespace: Namespace) -> None:
