@@ -29,46 +29,19 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 
-from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
+from gpusim import GPU_TYPES, FakeKubelet, bind_hostpath_claim, create_gpu_node
 from localcluster import REPO, LocalCluster
 from podrunner import LocalRuntime, local_trainer_images
-from tinymodel import SENTENCES
+from tinymodel import TINY_QLORA, tiny_finetunejob, write_corpus
 
 NAMESPACE = "demo"
 TRAINER_IMAGE = "local/finetune-trainer:dev"
-TINY_JOB = {
-    "apiVersion": "finetune.dev/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "tiny-qlora"},
-    "spec": {
-        "model": {"volume": {"claimName": "models", "path": "tiny-llama"}},
-        "dataset": {"claimName": "data", "path": "train.jsonl", "maxSequenceLength": 64},
-        "output": {"claimName": "adapters", "path": "tiny-qlora"},
-        "training": {
-            "pretrained_model": "tiny-llama",
-            "quantize_model": True,
-            "quantization_scheme": "bnb-4bit",
-            "peft_implementation": "QLORA",
-            "lora_r": 8,
-            "lora_alpha_over_r": 2,
-            "lora_target_modules": [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-            "learning_rate": 0.003,
-            "batch_size": 2,
-            "gradient_accumulation_steps": 2,
-            "num_input_records_to_sample": 1600,
-            "validation_ratio": 0.1,
-            "validation_steps": 40,
-        },
-    },
-}
+TINY_JOB = tiny_finetunejob(
+    "tiny-qlora",
+    {**TINY_QLORA, "num_input_records_to_sample": 1600},
+    "train.jsonl",
+    ("adapters", "tiny-qlora"),
+)
 JOBS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
     ("qlora-4bit", {"quantize_model": True, "quantization_scheme": "bnb-4bit", "lora_r": 16}, {}),
     ("qlora-8bit", {"quantize_model": True, "quantization_bits": 8}, {}),
@@ -191,8 +164,7 @@ def train(
          str(root / "volumes" / "models" / "tiny-llama")],
         cwd=Path(__file__).parent, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    rows = "".join(json.dumps({"text": sentence}) + "\n" for sentence in SENTENCES * 10)
-    (root / "volumes" / "data" / "train.jsonl").write_text(rows)
+    write_corpus(root / "volumes" / "data" / "train.jsonl", repeat=10)
     server = cluster_endpoint(env)
     runtime = LocalRuntime(
         core=client.CoreV1Api(api),
@@ -244,34 +216,6 @@ def cluster_endpoint(env: dict[str, str]) -> tuple[str, int]:
     return host, int(port)
 
 
-def bind_claim(core: client.CoreV1Api, claim: str, path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    core.create_persistent_volume(
-        client.V1PersistentVolume(
-            metadata=client.V1ObjectMeta(name=f"demo-{claim}"),
-            spec=client.V1PersistentVolumeSpec(
-                capacity={"storage": "1Gi"},
-                access_modes=["ReadWriteOnce"],
-                host_path=client.V1HostPathVolumeSource(path=str(path)),
-                storage_class_name="",
-                claim_ref=client.V1ObjectReference(namespace=NAMESPACE, name=claim),
-            ),
-        )
-    )
-    core.create_namespaced_persistent_volume_claim(
-        NAMESPACE,
-        client.V1PersistentVolumeClaim(
-            metadata=client.V1ObjectMeta(name=claim),
-            spec=client.V1PersistentVolumeClaimSpec(
-                access_modes=["ReadWriteOnce"],
-                storage_class_name="",
-                volume_name=f"demo-{claim}",
-                resources=client.V1ResourceRequirements(requests={"storage": "1Gi"}),
-            ),
-        ),
-    )
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -320,7 +264,7 @@ def main() -> int:
         )  # fmt: skip
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
         for claim in ("data", "adapters", "models"):
-            bind_claim(core, claim, root / "volumes" / claim)
+            bind_hostpath_claim(core, NAMESPACE, claim, root / "volumes" / claim)
         for claim in ("data", "adapters", "models"):
             wait(
                 lambda c=claim: core.read_namespaced_persistent_volume_claim(c, NAMESPACE).status.phase == "Bound",  # type: ignore[misc]

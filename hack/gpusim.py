@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, watch
@@ -84,6 +85,39 @@ def create_gpu_node(core: client.CoreV1Api, name: str, gpu: GpuType, gpus: int =
 def delete_node(core: client.CoreV1Api, name: str) -> None:
     with contextlib.suppress(ApiException):
         core.delete_node(name)
+
+
+def bind_hostpath_claim(core: client.CoreV1Api, namespace: str, claim: str, host_dir: Path) -> None:
+    """A PersistentVolumeClaim bound to a hostPath PersistentVolume (PV name: NAMESPACE-CLAIM)
+    on `host_dir`, which the local container runtime mounts for pods using the claim."""
+    host_dir.mkdir(parents=True, exist_ok=True)
+    host_dir.chmod(0o777)
+    pv_name = f"{namespace}-{claim}"
+    core.create_persistent_volume(
+        client.V1PersistentVolume(
+            metadata=client.V1ObjectMeta(name=pv_name, labels={SIM_LABEL: "true"}),
+            spec=client.V1PersistentVolumeSpec(
+                capacity={"storage": "10Gi"},
+                access_modes=["ReadWriteOnce"],
+                host_path=client.V1HostPathVolumeSource(path=str(host_dir)),
+                storage_class_name="",
+                persistent_volume_reclaim_policy="Retain",
+                claim_ref=client.V1ObjectReference(namespace=namespace, name=claim),
+            ),
+        )
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        client.V1PersistentVolumeClaim(
+            metadata=client.V1ObjectMeta(name=claim),
+            spec=client.V1PersistentVolumeClaimSpec(
+                access_modes=["ReadWriteOnce"],
+                storage_class_name="",
+                volume_name=pv_name,
+                resources=client.V1ResourceRequirements(requests={"storage": "10Gi"}),
+            ),
+        ),
+    )
 
 
 def _now() -> str:

@@ -6,8 +6,10 @@ fine-tune on CPU needs a model small enough to train in seconds).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # A small, repetitive corpus: a tiny model learns it within a few dozen steps.
 SENTENCES = [
@@ -82,3 +84,53 @@ def build_tiny_model(directory: Path) -> TinyModel:
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     return TinyModel(directory, MODEL_CONTEXT)
+
+
+# bnb-4bit QLoRA on every projection: trains the tiny model in seconds on a CPU.
+TINY_QLORA: dict[str, Any] = {
+    "pretrained_model": "tiny-llama",
+    "quantize_model": True,
+    "quantization_scheme": "bnb-4bit",
+    "peft_implementation": "QLORA",
+    "lora_r": 8,
+    "lora_alpha_over_r": 2,
+    "lora_target_modules": [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ],
+    "learning_rate": 0.003,
+    "batch_size": 2,
+    "gradient_accumulation_steps": 2,
+    "validation_ratio": 0.1,
+    "validation_steps": 40,
+}
+
+
+def write_corpus(path: Path, repeat: int) -> Path:
+    """The sentences, `repeat` times, as a jsonl dataset with a "text" field."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES * repeat))
+    return path
+
+
+def tiny_finetunejob(
+    name: str, training: dict[str, Any], dataset_path: str, output: tuple[str, str]
+) -> dict[str, Any]:
+    """A FineTuneJob for the tiny model on claim `models` (path tiny-llama) and data on claim
+    `data`, writing to (claim, path)."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"volume": {"claimName": "models", "path": "tiny-llama"}},
+            "dataset": {"claimName": "data", "path": dataset_path, "maxSequenceLength": 64},
+            "output": {"claimName": output[0], "path": output[1]},
+            "training": training,
+        },
+    }

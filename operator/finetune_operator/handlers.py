@@ -79,12 +79,6 @@ def reconcile(body: kopf.Body, **_: Any) -> None:
     _reconciler().reconcile(body)
 
 
-@kopf.timer(*FTJ, interval=60, initial_delay=60, idle=None)
-def resync(body: kopf.Body, **_: Any) -> None:
-    """A safety net for missed watch events: recompute the status once a minute."""
-    _reconciler().reconcile(body)
-
-
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
 def child_changed(body: kopf.Body, **_: Any) -> None:

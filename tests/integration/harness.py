@@ -3,6 +3,7 @@ as a separate process, and a fresh namespace per test with bound PersistentVolum
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
+from gpusim import GPU_TYPES, FakeKubelet, bind_hostpath_claim, create_gpu_node
 from localcluster import LocalCluster
 
 REPO = Path(__file__).resolve().parents[2]
@@ -75,6 +76,7 @@ class Cluster:
             text=True,
             env=self.env,
             check=False,
+            timeout=180,  # a hung request fails the test instead of stalling the run
         )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
@@ -86,9 +88,9 @@ def _kubectl_binary() -> str:
     return str(tools) if tools.exists() else (shutil.which("kubectl") or "kubectl")
 
 
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    root = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def running_cluster(root: Path) -> Iterator[Cluster]:
+    """A local control plane with the CRD installed, stopped on exit."""
     local = LocalCluster(root)
     try:
         local.start()
@@ -103,6 +105,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as c:
+        yield c
 
 
 @pytest.fixture(scope="session")
@@ -211,45 +219,13 @@ class Namespace:
         return list(self.cluster.batch.list_namespaced_job(self.name).items)
 
 
-def bind_volume(cluster: Cluster, namespace: str, claim: str, host_dir: Path) -> None:
-    """A hostPath PersistentVolume pre-bound to a claim of that name in the namespace."""
-    host_dir.mkdir(parents=True, exist_ok=True)
-    host_dir.chmod(0o777)
-    pv_name = f"{namespace}-{claim}"
-    cluster.core.create_persistent_volume(
-        client.V1PersistentVolume(
-            metadata=client.V1ObjectMeta(name=pv_name),
-            spec=client.V1PersistentVolumeSpec(
-                capacity={"storage": "10Gi"},
-                access_modes=["ReadWriteOnce"],
-                host_path=client.V1HostPathVolumeSource(path=str(host_dir)),
-                storage_class_name="",
-                persistent_volume_reclaim_policy="Retain",
-                claim_ref=client.V1ObjectReference(namespace=namespace, name=claim),
-            ),
-        )
-    )
-    cluster.core.create_namespaced_persistent_volume_claim(
-        namespace,
-        client.V1PersistentVolumeClaim(
-            metadata=client.V1ObjectMeta(name=claim),
-            spec=client.V1PersistentVolumeClaimSpec(
-                access_modes=["ReadWriteOnce"],
-                storage_class_name="",
-                volume_name=pv_name,
-                resources=client.V1ResourceRequirements(requests={"storage": "10Gi"}),
-            ),
-        ),
-    )
-
-
 def make_namespace(cluster: Cluster, tmp_path: Path, prefix: str = "t") -> Namespace:
     """A namespace with claims data, out and models bound to host directories."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     volumes = {claim: tmp_path / "volumes" / claim for claim in ("data", "out", "models")}
     for claim, path in volumes.items():
-        bind_volume(cluster, name, claim, path)
+        bind_hostpath_claim(cluster.core, name, claim, path)
     for claim in volumes:
         wait_for(
             lambda c=claim: (

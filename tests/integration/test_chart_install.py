@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,11 +13,11 @@ from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client, config
+from kubernetes import client
 
 from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
-from integration.harness import Cluster, ftj_manifest, make_namespace, wait_for
-from localcluster import LocalCluster, free_port
+from integration.harness import Cluster, ftj_manifest, make_namespace, running_cluster, wait_for
+from localcluster import free_port
 from podsecurity import restricted_violations
 
 pytestmark = pytest.mark.integration
@@ -36,20 +35,11 @@ def helm() -> str:
 @pytest.fixture(scope="module")
 def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, FakeKubelet]]:
     """A control plane without the shared operator: the chart's operator watches every namespace."""
-    root = tmp_path_factory.mktemp("chart-cluster")
-    local = LocalCluster(root)
-    try:
-        local.start()
-        env = dict(os.environ, KUBECONFIG=str(local.kubeconfig))
-        env["PATH"] = f"{REPO / '.tools' / 'bin'}:{env.get('PATH', '')}"
-        api = config.new_client_from_config(str(local.kubeconfig))
-        cluster = Cluster(root=root, kubeconfig=local.kubeconfig, api=api, env=env)
+    with running_cluster(tmp_path_factory.mktemp("chart-cluster")) as cluster:
         for key in ("a100", "h100"):
             create_gpu_node(cluster.core, f"gpu-{key}", GPU_TYPES[key], gpus=1)
-        with FakeKubelet(api, auto_start=True) as kubelet:
+        with FakeKubelet(cluster.api, auto_start=True) as kubelet:
             yield cluster, kubelet
-    finally:
-        local.stop()
 
 
 def rendered(release: str, namespace: str, *sets: str) -> list[dict[str, Any]]:
@@ -159,7 +149,7 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
     finally:
         operator.terminate()
         operator.wait(timeout=30)
-        cluster.kubectl("delete", "ftj", "--all", "-n", ns.name, "--wait=true")
+        cluster.kubectl("delete", "ftj", "--all", "-n", ns.name, "--wait=true", "--timeout=60s")
 
     def can(*request: str) -> bool:
         result = subprocess.run(

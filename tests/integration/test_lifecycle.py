@@ -298,6 +298,9 @@ def test_children_are_owned_and_deleted_with_the_job(namespace: Namespace) -> No
     core = namespace.cluster.core
     rbac_api = client.RbacAuthorizationV1Api(namespace.cluster.api)
     uid = namespace.ftj("owned")["metadata"]["uid"]
+    # No finalizer: deleting a FineTuneJob never waits for the operator (owner references do the
+    # clean-up), so an uninstalled operator leaves no undeletable objects behind.
+    assert not namespace.ftj("owned")["metadata"].get("finalizers")
     children = [
         namespace.jobs()[0],
         core.read_namespaced_config_map("owned-config", namespace.name),

@@ -32,7 +32,7 @@ from integration.harness import (
     wait_for,
 )
 from podrunner import LocalRuntime, local_trainer_images
-from tinymodel import SENTENCES, build_tiny_model
+from tinymodel import TINY_QLORA, build_tiny_model, tiny_finetunejob, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.training]
 
@@ -76,27 +76,14 @@ def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator
 
 
 def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name},
-        "spec": {
-            "model": {"volume": {"claimName": "models", "path": "tiny-llama"}},
-            "dataset": {"claimName": "data", "path": "corpus/train.jsonl", "maxSequenceLength": 64},
-            "output": {"claimName": "out", "path": f"adapters/{name}"},
-            "resources": {"cpu": "2", "memory": "4Gi"},
-            "training": training,
-        },
-    }
+    job = tiny_finetunejob(name, training, "corpus/train.jsonl", ("out", f"adapters/{name}"))
+    job["spec"]["resources"] = {"cpu": "2", "memory": "4Gi"}
+    return job
 
 
 def seed_volumes(ns: Namespace) -> None:
     build_tiny_model(ns.volumes["models"] / "tiny-llama")
-    corpus = ns.volumes["data"] / "corpus"
-    corpus.mkdir(parents=True, exist_ok=True)
-    (corpus / "train.jsonl").write_text(
-        "".join(json.dumps({"text": s}) + "\n" for s in SENTENCES * 8)
-    )
+    write_corpus(ns.volumes["data"] / "corpus" / "train.jsonl", repeat=8)
 
 
 def get_wide(ns: Namespace, name: str) -> dict[str, str]:
@@ -108,29 +95,7 @@ def get_wide(ns: Namespace, name: str) -> dict[str, str]:
 def test_apply_train_and_watch_progress(e2e: E2E) -> None:
     ns = e2e.ns
     seed_volumes(ns)
-    training = {
-        "pretrained_model": "tiny-llama",
-        "quantize_model": True,
-        "quantization_scheme": "bnb-4bit",
-        "peft_implementation": "QLORA",
-        "lora_r": 8,
-        "lora_alpha_over_r": 2,
-        "lora_target_modules": [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        "learning_rate": 0.003,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 2,
-        "num_input_records_to_sample": 480,
-        "validation_ratio": 0.1,
-        "validation_steps": 40,
-    }
+    training = {**TINY_QLORA, "num_input_records_to_sample": 480}
     assert ns.apply(tiny_job("tiny", training)).returncode == 0
 
     # While it trains, `kubectl get ftj` shows the node, the progress and the loss.

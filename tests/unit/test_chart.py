@@ -154,6 +154,7 @@ def test_cluster_wide_by_default_namespaced_on_request() -> None:
     resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
     assert resources == {
         "nodes",
+        "namespaces",
         "customresourcedefinitions",
         "validatingwebhookconfigurations",
         "mutatingwebhookconfigurations",
