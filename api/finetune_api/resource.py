@@ -248,7 +248,15 @@ class Resources(KubeModel):
     """Compute for the training pod."""
 
     gpus: Annotated[
-        int, Field(ge=1, le=16, description="GPUs for the training pod (nvidia.com/gpu).")
+        int,
+        Field(
+            ge=1,
+            le=16,
+            description=(
+                "GPUs for the training pod (nvidia.com/gpu), one data-parallel worker each; "
+                "batch_size and gradient_accumulation_steps are per GPU."
+            ),
+        ),
     ] = 1
     cpu: Annotated[Quantity | None, Field(description="CPU request and limit, e.g. 8.")] = None
     memory: Annotated[

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ def running_pod(ns: Namespace, name: str) -> Any:
         return pods[0] if pods else None
 
     return wait_for(find, timeout=60, what=f"a running pod of {name}")
+
+
+def wait_event(ns: Namespace, name: str, match: Callable[[Any], bool]) -> None:
+    """Events are posted asynchronously: wait for a matching one rather than sample once."""
+    wait_for(lambda: any(match(e) for e in events(ns, name)), timeout=30, what=f"an event on {name}",
+             describe=lambda: [(e.type, e.reason, e.message) for e in events(ns, name)])  # fmt: skip
 
 
 def events(ns: Namespace, name: str) -> list[Any]:
@@ -125,9 +132,7 @@ def test_cross_field_error_sets_validated_false_without_children(namespace: Name
     status = namespace.ftj("loftq-fp4")["status"]
     assert status["phase"] == "Failed"
     assert status["observedGeneration"] == 1
-    assert any(
-        e.reason == "InvalidSpec" and e.type == "Warning" for e in events(namespace, "loftq-fp4")
-    )
+    wait_event(namespace, "loftq-fp4", lambda e: e.reason == "InvalidSpec" and e.type == "Warning")
     time.sleep(2)  # give a wrong operator time to create children
     assert namespace.jobs() == []
     assert (
@@ -175,8 +180,8 @@ def test_success_fills_result_and_events(namespace: Namespace, kubelet: FakeKube
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert complete["status"] == "True" and complete["reason"] == "Completed"
     assert status["startTime"] and status["completionTime"]
-    reasons = [e.reason for e in events(namespace, "ok")]
-    assert "Running" in reasons and "Completed" in reasons
+    wait_event(namespace, "ok", lambda e: e.reason == "Running")
+    wait_event(namespace, "ok", lambda e: e.reason == "Completed")
 
 
 def test_failure_carries_the_trainers_reason(namespace: Namespace, kubelet: FakeKubelet) -> None:
@@ -195,7 +200,7 @@ def test_failure_carries_the_trainers_reason(namespace: Namespace, kubelet: Fake
     assert failed is not None and failed["status"] == "True"
     assert failed["message"] == line
     assert failed["reason"] == "BackoffLimitExceeded"
-    assert any(e.type == "Warning" and line in e.message for e in events(namespace, "boom"))
+    wait_event(namespace, "boom", lambda e: e.type == "Warning" and line in e.message)
 
 
 def test_invalid_input_is_not_retried(namespace: Namespace, kubelet: FakeKubelet) -> None:

@@ -118,10 +118,14 @@ def test_no_compatible_gpu_then_a_blackwell_node_joins(
     assert "1 × 9.0 NVIDIA-H100-80GB-HBM3 (81559 MiB)" in message
     assert "1 × 7.5 Tesla-T4 (15360 MiB)" in message
     assert namespace.ftj("fp4")["status"]["phase"] == "Pending"
-    events = cluster.core.list_namespaced_event(
-        namespace.name, field_selector="involvedObject.name=fp4"
-    ).items
-    assert any(e.reason == "NoCompatibleGPU" and e.type == "Warning" for e in events)
+
+    def warned() -> bool:
+        events = cluster.core.list_namespaced_event(
+            namespace.name, field_selector="involvedObject.name=fp4"
+        ).items
+        return any(e.reason == "NoCompatibleGPU" and e.type == "Warning" for e in events)
+
+    wait_for(warned, timeout=30, what="a NoCompatibleGPU event")
 
     create_gpu_node(cluster.core, "gpu-b200", GPU_TYPES["b200"], gpus=1)
     wait_for(

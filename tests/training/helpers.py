@@ -6,9 +6,13 @@ test tier has a conftest.py and a bare `import conftest` would get whichever was
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
-from collections.abc import Callable
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,3 +109,52 @@ class Run:
 
 
 RunTrainer = Callable[..., Run]
+
+
+class WriteLog:
+    """A named pipe standing in for a file: every write to it (open, write, close) is recorded,
+    so a file written twice, even with the same content, shows two entries. Read by a thread
+    until `close`."""
+
+    STOP = "\0stop\0"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: list[str] = []
+        os.mkfifo(path)
+        self._thread = threading.Thread(target=self._read, name=f"writes-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while True:
+            with self.path.open(encoding="utf-8") as stream:  # blocks until a writer opens it
+                text = stream.read()  # until every writer closed it
+            if text.endswith(self.STOP):
+                if text != self.STOP:
+                    self.entries.append(text.removesuffix(self.STOP))
+                return
+            self.entries.append(text)
+
+    def close(self) -> list[str]:
+        """Stop reading; the entries written until now."""
+        if self._thread.is_alive():
+            with self.path.open("w", encoding="utf-8") as stream:
+                stream.write(self.STOP)
+            self._thread.join(timeout=30)
+        return self.entries
+
+
+@contextlib.contextmanager
+def captured_stderr(path: Path) -> Iterator[None]:
+    """File descriptor 2 (which worker processes inherit) and sys.stderr, into `path`."""
+    saved = os.dup(2)
+    with path.open("w", encoding="utf-8") as stream:
+        os.dup2(stream.fileno(), 2)
+        try:
+            with contextlib.redirect_stderr(stream):
+                yield
+        finally:
+            sys.stderr.flush()
+            stream.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

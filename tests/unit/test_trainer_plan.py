@@ -150,3 +150,62 @@ def test_make_plan_refuses_a_split_with_nothing_to_train() -> None:
         plan.make_plan(
             TrainingHyperparams(validation_ratio=1.0), dataset_records=5, model_type=None
         )
+
+
+@pytest.mark.parametrize(
+    ("records", "batch", "accumulation", "world_size", "steps"),
+    [
+        (60, 2, 3, 1, 10),  # one process: ceil(60 / 6)
+        (60, 2, 3, 2, 5),  # two workers: 12 records a step
+        (61, 2, 3, 2, 6),  # the last global batch is partial
+        (60, 2, 3, 4, 3),  # ceil(60 / 24)
+        (7, 4, 1, 8, 1),  # fewer records than one global batch: still one step
+    ],
+)
+def test_steps_count_every_worker(
+    records: int, batch: int, accumulation: int, world_size: int, steps: int
+) -> None:
+    training = TrainingHyperparams(
+        num_input_records_to_sample=records,
+        batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        warmup_ratio=0.25,
+        lr_scheduler="linear",
+    )
+    resolved = plan.make_plan(
+        training, dataset_records=20, model_type="llama", world_size=world_size
+    )
+    assert resolved.steps == steps == math.ceil(records / (batch * accumulation * world_size))
+    assert resolved.world_size == world_size
+    assert resolved.effective_batch_size == batch * accumulation  # per device, as in the spec
+    assert resolved.global_batch_size == batch * accumulation * world_size
+    assert resolved.warmup_steps == math.ceil(0.25 * steps)  # of the (fewer) optimizer steps
+    assert resolved.save_steps == plan.save_steps(steps)
+    assert resolved.as_dict()["world_size"] == world_size
+
+
+def test_records_and_epochs_after_a_step_count_the_global_batch() -> None:
+    training = TrainingHyperparams(
+        num_input_records_to_sample=76, batch_size=2, gradient_accumulation_steps=2
+    )
+    resolved = plan.make_plan(training, dataset_records=16, model_type="llama", world_size=2)
+    assert resolved.steps == 10
+    assert resolved.records_after(1) == 8
+    assert resolved.records_after(9) == 72
+    assert resolved.records_after(10) == 76  # the last global batch is partial: 4 records
+    assert resolved.describe().startswith(
+        "76 records (16 train, 0 validation) -> 10 steps of 8 (4 per device x 2 workers)"
+    )
+
+
+def test_one_process_is_the_default_plan() -> None:
+    training = TrainingHyperparams(num_input_records_to_sample=60, batch_size=2)
+    default = plan.make_plan(training, dataset_records=20, model_type="llama")
+    assert default == plan.make_plan(training, dataset_records=20, model_type="llama", world_size=1)
+    assert default.world_size == 1
+    assert "per device" not in default.describe()
+
+
+def test_world_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
+        plan.make_plan(TrainingHyperparams(), dataset_records=20, model_type=None, world_size=0)

@@ -1,8 +1,9 @@
 """The pre-flight hardware check: can this machine run the resolved quantization scheme?
 
 Runs before the model is loaded. On CUDA every visible GPU must reach the TrainerConfig's
-`min_compute_capability`. Without a GPU only the schemes with CPU kernels run: the bitsandbytes
-ones (bnb-4bit, bnb-8bit) and unquantized LoRA; fp8, nvfp4 and mxfp4 need a GPU.
+`min_compute_capability`; a data-parallel worker then trains on its own GPU only (the one at its
+local rank, see Device.for_worker). Without a GPU only the schemes with CPU kernels run: the
+bitsandbytes ones (bnb-4bit, bnb-8bit) and unquantized LoRA; fp8, nvfp4 and mxfp4 need a GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +43,19 @@ class Device:
         if not self.gpus:
             return "cpu"
         return ", ".join(f"{gpu.name} (compute capability {gpu.capability})" for gpu in self.gpus)
+
+    def for_worker(self, local_rank: int, world_size: int) -> Device:
+        """The device of one of `world_size` data-parallel workers: on CUDA, the GPU at its local
+        rank only (made the current device, so nothing lands on GPU 0 by default); on CPU, the
+        same CPU."""
+        if not self.gpus or world_size == 1:
+            return self
+        check_workers(self, world_size)
+        import torch
+
+        gpu = self.gpus[local_rank]
+        torch.cuda.set_device(gpu.index)
+        return Device(gpus=(gpu,), bf16=self.bf16)
 
 
 def runs_on_cpu(scheme: QuantizationScheme | None) -> bool:
@@ -96,6 +110,15 @@ def check_hardware(scheme: QuantizationScheme | None, min_capability: str) -> De
         raise InvalidInputError(problem)
     log.info("device: %s; %s", device.description, scheme_label(scheme))
     return device
+
+
+def check_workers(device: Device, world_size: int) -> None:
+    """On CUDA each data-parallel worker needs a GPU of its own."""
+    if device.cuda and world_size > len(device.gpus):
+        raise InvalidInputError(
+            f"{world_size} data-parallel workers need a GPU each; {len(device.gpus)} "
+            f"{'is' if len(device.gpus) == 1 else 'are'} visible"
+        )
 
 
 def limit_gpu_memory(device: Device, fraction: float) -> None:

@@ -8,6 +8,9 @@ replaced by the flag given). Exit codes: 0 done, 1 runtime failure (retryable: a
 from the last checkpoint), 2 invalid input (spec, data, model or hardware; not retryable). The
 outcome is also written as a TrainerOutcome JSON termination message; on failure its message is
 the last line on stderr.
+
+A pod with several GPUs trains data-parallel: this process checks the inputs, then runs one worker
+per GPU (FINETUNE_NPROC overrides the count) and reports their one outcome; see distributed.py.
 """
 
 from __future__ import annotations
@@ -22,9 +25,9 @@ from types import FrameType
 
 from finetune_api.resource import Result
 from finetune_api.trainer_config import EXIT_OK, TrainerConfig, TrainerOutcome
+from finetune_trainer import distributed
 from finetune_trainer.config import PathOverrides, load_trainer_config
 from finetune_trainer.errors import TrainerError, TrainingInterruptedError, one_line
-from finetune_trainer.report import write_outcome
 
 log = logging.getLogger("finetune_trainer")
 
@@ -57,13 +60,14 @@ class _StderrHandler(logging.Handler):
 
 
 def setup_logging() -> None:
-    """INFO lines of the trainer's own loggers on stderr (the root logger is left alone)."""
+    """INFO lines of the trainer's own loggers on stderr (the root logger is left alone); only
+    warnings and errors from data-parallel workers other than rank 0."""
+    log.setLevel(logging.INFO if distributed.current().is_main else logging.WARNING)
     if any(isinstance(handler, _StderrHandler) for handler in log.handlers):
         return
     handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.addHandler(handler)
-    log.setLevel(logging.INFO)
     log.propagate = False
 
 
@@ -84,6 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         config = load_trainer_config(args.job, overrides)
+        processes = distributed.processes_to_launch()
+        if processes > 1:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            return finish(*distributed.launch(config, processes, argv))
         result = train(config)
     except TrainerError as failure:
         return fail(failure)
@@ -100,16 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    write_outcome(
+    return finish(
         TrainerOutcome(
             outcome="Succeeded",
             reason="Completed",
             message=f"trained {result.steps} steps on {result.records_seen} records",
             result=result,
-        )
+        ),
+        EXIT_OK,
     )
-    log.info("done: %s", result.model_dump_json(by_alias=True, exclude_none=True))
-    return EXIT_OK
 
 
 def train(config: TrainerConfig) -> Result:
@@ -128,14 +135,25 @@ def train(config: TrainerConfig) -> Result:
 
 
 def fail(failure: TrainerError) -> int:
-    """Write the Failed outcome, print its one-line message last on stderr, return the code."""
+    """The Failed outcome of `failure` (see finish)."""
     message = one_line(failure.message)
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 3] + "..."
-    write_outcome(TrainerOutcome(outcome="Failed", reason=failure.reason, message=message))
-    sys.stdout.flush()
-    print(message, file=sys.stderr, flush=True)
-    return failure.exit_code
+    outcome = TrainerOutcome(outcome="Failed", reason=failure.reason, message=message)
+    return finish(outcome, failure.exit_code)
+
+
+def finish(outcome: TrainerOutcome, code: int) -> int:
+    """Deliver the outcome (the termination message; a launched worker's goes to its launcher),
+    print a failure's one-line message last on stderr (a worker's names its rank: the launcher
+    prints the run's), and return the exit code."""
+    prefix = distributed.deliver(outcome, code)
+    if outcome.outcome == "Failed":
+        sys.stdout.flush()
+        print(prefix + outcome.message, file=sys.stderr, flush=True)
+    elif outcome.result is not None and not prefix:  # a worker's launcher says it
+        log.info("done: %s", outcome.result.model_dump_json(by_alias=True, exclude_none=True))
+    return code
 
 
 if __name__ == "__main__":

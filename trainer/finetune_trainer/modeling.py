@@ -180,6 +180,23 @@ def load_tokenizer(source: ModelSource, spec: FineTuneJobSpec) -> Any:
         raise InvalidInputError(f"model {source.name}: cannot load its tokenizer ({exc})") from None
 
 
+def empty_model(source: ModelSource, spec: FineTuneJobSpec, config: Any) -> Any:
+    """The model built from its config without weights (on the meta device), to check the LoRA
+    targets before anything loads; None when it cannot be built that way (the loaded model is
+    checked anyway)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=spec.model.trust_remote_code
+            )
+    except Exception as exc:
+        log.info("model %s not built without weights (%s): checked once loaded", source.name, exc)
+        return None
+
+
 def get_quantization_config(scheme: QuantizationScheme | None) -> Any:
     """The transformers quantization_config for the scheme (None: load unquantized)."""
     return None if scheme is None else scheme.to_transformers_config()

@@ -12,9 +12,18 @@ Records ("auto")
     datasets are sampled, so that 'auto' never means days of training).
 
 Optimizer steps
-    ceil(records / effective_batch_size), where effective_batch_size = batch_size x
-    gradient_accumulation_steps. The records are the training split repeated (each pass in a new
-    seeded order) and cut at `records`, so the last step may see a partial batch.
+    ceil(records / (effective_batch_size x world_size)), where effective_batch_size = batch_size x
+    gradient_accumulation_steps is per device, and world_size is the number of data-parallel
+    workers (1 process per GPU; 1 without distributed training). One optimizer step consumes
+    effective_batch_size records on every worker, effective_batch_size x world_size in all (the
+    global batch). The records are the training split repeated (each pass in a new seeded order)
+    and cut at `records`, so the last step may see a partial batch; records_after(step) and the
+    epochs count global batches.
+
+World size
+    Part of the plan, so part of the checkpoints' fingerprint: a run restarted with another world
+    size has another step count and data order, and starts over instead of resuming checkpoints
+    of the other plan (they are removed, with a warning naming them).
 
 Warmup
     ceil(warmup_ratio x steps), at most the number of steps. Schedulers with no warmup phase
@@ -158,6 +167,12 @@ class Plan:
     scheduler_kwargs: dict[str, float | int]
     save_steps: int
     logging_steps: int
+    world_size: int = 1
+
+    @property
+    def global_batch_size(self) -> int:
+        """Records one optimizer step consumes across all the workers."""
+        return self.effective_batch_size * self.world_size
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,17 +180,33 @@ class Plan:
     def describe(self) -> str:
         return (
             f"{self.records} records ({self.train_records} train, {self.validation_records} "
-            f"validation) -> {self.steps} steps of {self.effective_batch_size}; learning rate "
+            f"validation) -> {self.steps} steps of {self._batch()}; learning rate "
             f"{self.learning_rate:g} ({self.learning_rate_source}); warmup {self.warmup_steps}"
         )
 
+    def _batch(self) -> str:
+        if self.world_size == 1:
+            return str(self.effective_batch_size)
+        return (
+            f"{self.global_batch_size} ({self.effective_batch_size} per device x "
+            f"{self.world_size} workers)"
+        )
+
     def records_after(self, step: int) -> int:
-        """Training records consumed after `step` optimizer steps."""
-        return min(step * self.effective_batch_size, self.records)
+        """Training records consumed after `step` optimizer steps (by all the workers)."""
+        return min(step * self.global_batch_size, self.records)
 
 
-def make_plan(training: TrainingHyperparams, dataset_records: int, model_type: str | None) -> Plan:
-    """Resolve the run's counts from the hyperparameters, the dataset size and the model family."""
+def make_plan(
+    training: TrainingHyperparams,
+    dataset_records: int,
+    model_type: str | None,
+    world_size: int = 1,
+) -> Plan:
+    """Resolve the run's counts from the hyperparameters, the dataset size, the model family and
+    the number of data-parallel workers."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
     validation = validation_count(dataset_records, training.validation_ratio)
     train = dataset_records - validation
     if train < 1:
@@ -184,7 +215,7 @@ def make_plan(training: TrainingHyperparams, dataset_records: int, model_type: s
             f"the {dataset_records} usable records: none is left to train on"
         )
     records = resolve_records(training.num_input_records_to_sample, train)
-    steps = optimizer_steps(records, training.effective_batch_size)
+    steps = optimizer_steps(records, training.effective_batch_size * world_size)
     warmup = warmup_steps(training.warmup_ratio, steps, training.lr_scheduler)
     if training.learning_rate != "auto":
         source = "spec"
@@ -205,4 +236,5 @@ def make_plan(training: TrainingHyperparams, dataset_records: int, model_type: s
         scheduler_kwargs=scheduler_kwargs(training.lr_scheduler, steps, warmup),
         save_steps=save_steps(steps),
         logging_steps=logging_steps(steps),
+        world_size=world_size,
     )

@@ -64,6 +64,8 @@ def summarize(
         "duration_seconds": result.duration_seconds,
         "resumed_from": Path(resume).name if resume else None,
         "device": device.description,
+        "world_size": plan.world_size,
+        "global_batch_size": plan.global_batch_size,
         "precision": "bf16" if device.bf16 else "fp32",
         "resolved": {
             **plan.as_dict(),

@@ -1,11 +1,15 @@
-"""The transformers TrainingArguments and Trainer for a Plan, and the progress callback."""
+"""The transformers TrainingArguments and Trainer for a Plan, and the callbacks: progress, and the
+agreed stop of data-parallel workers on SIGTERM."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from types import FrameType
 from typing import Any
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 
 from finetune_api.resource import Progress
 from finetune_api.training import TrainingHyperparams
@@ -19,10 +23,22 @@ log = logging.getLogger(__name__)
 SEED = 42
 
 
+def seed_everything() -> None:
+    """Seed Python, NumPy and torch (as the Trainer does) before anything random is created."""
+    set_seed(SEED)
+
+
 def get_training_arguments(
     training: TrainingHyperparams, plan: Plan, device: Device, checkpoint_dir: str
 ) -> Any:
-    """TrainingArguments: AdamW, the resolved schedule, step-based eval and checkpoints."""
+    """TrainingArguments: AdamW, the resolved schedule, step-based eval and checkpoints.
+
+    With several data-parallel workers (plan.world_size > 1) the Trainer runs DDP over the
+    process group it sets up (NCCL on GPUs, gloo on CPU): every parameter that trains is a LoRA
+    parameter used in every step, so DDP does not look for unused ones (and gradient
+    checkpointing, on for QLoRA, is the non-reentrant kind, which DDP supports). transformers'
+    own SIGTERM checkpoint (enable_jit_checkpoint) stops each process on its own, at steps that
+    may differ; the workers use StopOnSigterm instead."""
     from transformers import TrainingArguments
 
     validate = plan.validation_records > 0
@@ -46,7 +62,8 @@ def get_training_arguments(
         save_strategy="steps",
         save_steps=plan.save_steps,
         save_total_limit=rules.SAVE_TOTAL_LIMIT,
-        enable_jit_checkpoint=True,
+        enable_jit_checkpoint=plan.world_size == 1,
+        ddp_find_unused_parameters=False,
         train_sampling_strategy="sequential",
         remove_unused_columns=False,
         bf16=device.bf16,
@@ -120,6 +137,46 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.eval_loss = float(entry["eval_loss"])
 
 
+class StopOnSigterm(TrainerCallback):  # type: ignore[misc]
+    """SIGTERM during data-parallel training: every worker gets it (from the launcher), but not at
+    the same moment. Each one only notes it; after every optimizer step the workers all-reduce
+    (max) that note, so all of them save the same checkpoint and stop after the same step."""
+
+    def __init__(self) -> None:
+        self.signalled = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.signalled = True
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.agreed(args.device) and state.global_step < state.max_steps:
+            log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._installed = False
+
+    def agreed(self, device: Any) -> bool:
+        """Whether any worker was signalled (a collective: every worker calls it each step)."""
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(self.signalled)], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
 def _display(loss: float | None) -> float | None:
     """Four decimals are what `kubectl get ftj` has room for; the result keeps full precision."""
     return None if loss is None else round(loss, 4)
@@ -133,7 +190,7 @@ def build_trainer(
     train_dataset: Any,
     eval_dataset: Any,
     collator: Any,
-    callback: Any,
+    callbacks: list[Any],
 ) -> Any:
     from transformers import PrinterCallback, Trainer
 
@@ -144,7 +201,7 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        callbacks=[callback],
+        callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressCallback logs one line per logged step
     return trainer
