@@ -179,6 +179,8 @@ def test_success_fills_result_and_events(namespace: Namespace, kubelet: FakeKube
     }
     complete = next(c for c in status["conditions"] if c["type"] == "Complete")
     assert complete["status"] == "True" and complete["reason"] == "Completed"
+    # GitOps: through the whole life the operator never wrote to spec (no new generation).
+    assert namespace.ftj("ok")["metadata"]["generation"] == 1
     assert status["startTime"] and status["completionTime"]
     wait_event(namespace, "ok", lambda e: e.reason == "Running")
     wait_event(namespace, "ok", lambda e: e.reason == "Completed")
