@@ -31,7 +31,7 @@ from kubernetes import client, config
 
 from gpusim import GPU_TYPES, FakeKubelet, bind_hostpath_claim, create_gpu_node
 from localcluster import REPO, LocalCluster
-from podrunner import LocalRuntime, local_trainer_images
+from podrunner import LocalRuntime
 from tinymodel import TINY_QLORA, tiny_finetunejob, write_corpus
 
 NAMESPACE = "demo"
@@ -156,7 +156,11 @@ def explain(custom: client.CustomObjectsApi) -> None:
 
 
 def train(
-    root: Path, env: dict[str, str], api: client.ApiClient, custom: client.CustomObjectsApi
+    root: Path,
+    env: dict[str, str],
+    server: str,
+    api: client.ApiClient,
+    custom: client.CustomObjectsApi,
 ) -> None:
     # Built in a child process: loading torch and transformers is noisy on stderr.
     subprocess.run(
@@ -165,15 +169,9 @@ def train(
         cwd=Path(__file__).parent, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     write_corpus(root / "volumes" / "data" / "train.jsonl", repeat=10)
-    server = cluster_endpoint(env)
-    runtime = LocalRuntime(
-        core=client.CoreV1Api(api),
-        images=local_trainer_images(TRAINER_IMAGE),
-        api_host=server[0],
-        api_port=server[1],
-        workdir=root / "runtime",
+    runtime = LocalRuntime.for_trainer(
+        client.CoreV1Api(api), server, TRAINER_IMAGE, root / "runtime"
     )
-    (root / "runtime").mkdir(exist_ok=True)
     with FakeKubelet(api, runner=runtime):
         kubectl(env, "apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump(TINY_JOB))
         say("   kubectl get ftj -o wide, every 2 s while it trains:")
@@ -208,12 +206,6 @@ def train(
         "   on the output volume: "
         + ", ".join(sorted(p.name for p in adapter.iterdir() if p.is_file()))
     )
-
-
-def cluster_endpoint(env: dict[str, str]) -> tuple[str, int]:
-    server = yaml.safe_load(Path(env["KUBECONFIG"]).read_text())["clusters"][0]["cluster"]["server"]
-    host, port = server.removeprefix("https://").rsplit(":", 1)
-    return host, int(port)
 
 
 def main() -> int:
@@ -294,7 +286,7 @@ def main() -> int:
         if os.geteuid() != 0:
             say("   skipped: the local container runtime needs root (a private mount namespace)")
         else:
-            train(root, env, api, custom)
+            train(root, env, cluster.server, api, custom)
         if args.keep:
             say(f"\n--keep: cluster left running; export KUBECONFIG={cluster.kubeconfig}")
             return 0

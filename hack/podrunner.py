@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,19 @@ class LocalRuntime:
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     timeout: float = 600
+
+    @classmethod
+    def for_trainer(
+        cls, core: client.CoreV1Api, server: str, image: str, workdir: Path
+    ) -> LocalRuntime:
+        """A runtime that runs `image` as this checkout's finetune-trainer console script, for the
+        API server at `server` (https://HOST:PORT)."""
+        script = shutil.which("finetune-trainer")
+        if script is None:
+            raise RuntimeError("finetune-trainer is not installed in this environment")
+        url = urllib.parse.urlparse(server)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return cls(core, {image: [script]}, url.hostname or "127.0.0.1", url.port or 443, workdir)
 
     def __call__(self, pod: Any) -> tuple[int, str]:
         return self.run(pod)
@@ -241,11 +255,3 @@ def _cleanup_mountpoints(mounts: list[Mount]) -> None:
                     parent.rmdir()
         except OSError:
             continue
-
-
-def local_trainer_images(image: str) -> dict[str, list[str]]:
-    """The trainer image mapped to this checkout's finetune-trainer console script."""
-    script = shutil.which("finetune-trainer")
-    if script is None:
-        raise RuntimeError("finetune-trainer is not installed in this environment")
-    return {image: [script]}

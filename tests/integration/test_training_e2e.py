@@ -13,7 +13,6 @@ import json
 import ssl
 import subprocess
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from integration.harness import (
     remove_namespace,
     wait_for,
 )
-from podrunner import LocalRuntime, local_trainer_images
+from podrunner import LocalRuntime
 from tinymodel import TINY_QLORA, build_tiny_model, tiny_finetunejob, write_corpus
 
 pytestmark = [pytest.mark.integration, pytest.mark.training]
@@ -53,18 +52,8 @@ def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator
         "--namespace", "e-*", "--trainer-image", IMAGE, "--progress-interval", "1",
     ).start()  # fmt: skip
     ns = make_namespace(cluster, tmp_path, prefix="e")
-    server = urllib.parse.urlparse(
-        json.loads((cluster.root / "endpoints.json").read_text())["server"]
-    )
     runtime_dir = tmp_path / "runtime"
-    runtime_dir.mkdir()
-    runtime = LocalRuntime(
-        core=cluster.core,
-        images=local_trainer_images(IMAGE),
-        api_host=server.hostname or "127.0.0.1",
-        api_port=server.port or 443,
-        workdir=runtime_dir,
-    )
+    runtime = LocalRuntime.for_trainer(cluster.core, _server(cluster), IMAGE, runtime_dir)
     try:
         with FakeKubelet(cluster.api, runner=runtime, namespaces=lambda n: n.startswith("e-")):
             try:
