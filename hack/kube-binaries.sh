@@ -1,62 +1,91 @@
 #!/usr/bin/env bash
-# Fill the binary cache and print its directory: etcd, kube-apiserver, kube-scheduler and
-# kube-controller-manager. The Kubernetes ones are built once from Debian's `kubernetes` source
-# package (about 4-8 minutes on 2 cores); etcd is copied from Debian's etcd-server.
+# Fill the binary cache for one Kubernetes release and print its directory.
 #
-# The cache is $FINETUNE_KUBE_CACHE (default ~/.cache/finetune-operator/kubernetes-1.20.2).
-# hack/localcluster.py looks in $KUBEBUILDER_ASSETS first (the envtest convention) and runs this
-# only for binaries not found there (envtest ships no scheduler or controller manager).
-# Build prerequisites (Debian): golang-go rsync jq dpkg-dev etcd-server
-# golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev, and a deb-src entry.
+#   KUBE_VERSION=1.37.2 hack/kube-binaries.sh        # default: the newest release we pin
+#   KUBE_VERSION=1.34.4 hack/kube-binaries.sh        # the oldest minor we support
+#   KUBE_BINARIES="kubelet kube-proxy" hack/kube-binaries.sh   # extra binaries, same cache
+#
+# k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces every staging module
+# (k8s.io/api, k8s.io/client-go, ...) with a path inside its own tree. So we write a small module
+# of our own that requires k8s.io/kubernetes vX.Y.Z and replaces each staging module with its
+# published k8s.io/<name> v0.Y.Z, then `go build` the commands from it. etcd is built the same
+# way, at the version that release's go.mod requires (go.etcd.io/etcd/server/v3).
+#
+# The cache is $FINETUNE_KUBE_CACHE (default ~/.cache/finetune-operator/kubernetes-vX.Y.Z): a
+# few minutes once per machine, nothing after. hack/localcluster.py looks in $KUBEBUILDER_ASSETS
+# first (the envtest convention) and runs this only for what it does not find there.
 set -euo pipefail
 
-KUBE_VERSION=1.20.2
-cache="${FINETUNE_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/kubernetes-$KUBE_VERSION}"
-kube_bins=(kube-apiserver kube-scheduler kube-controller-manager)
+HACK=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=hack/kube-versions.sh
+source "$HACK/kube-versions.sh"
+version=${KUBE_VERSION:-$KUBE_VERSION_NEWEST}
+version=${version#v}
+case $version in
+  [0-9]*.[0-9]*.[0-9]*) ;;
+  *) echo "kube-binaries: KUBE_VERSION must be a full release such as 1.37.2, not '$version'" >&2; exit 2 ;;
+esac
+minor=${version#*.}
+minor=${minor%%.*}
+cache="${FINETUNE_KUBE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator/kubernetes-v$version}"
+read -r -a kube_bins <<<"${KUBE_BINARIES:-kube-apiserver kube-scheduler kube-controller-manager}"
 
 log() { echo "kube-binaries: $*" >&2; }
 
-have_all() {
-  local dir=$1
-  for bin in "${kube_bins[@]}" etcd; do [[ -x "$dir/$bin" ]] || return 1; done
-}
+# One build per cache at a time (setup, the tests and a developer may ask together).
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock 9
 
-work=""
-cleanup() { if [[ -n $work ]]; then rm -rf "$work"; fi; }
-trap cleanup EXIT
+missing=()
+for bin in "${kube_bins[@]}"; do [[ -x "$cache/$bin" ]] || missing+=("$bin"); done
+if [[ ${#missing[@]} == 0 && -x "$cache/etcd" ]]; then
+  echo "$cache"
+  exit 0
+fi
+command -v go >/dev/null || { log "Go is needed to build Kubernetes $version (apt-get install golang-go, or a newer Go)"; exit 1; }
 
-build() {
-  local src
-  for tool in go rsync jq dpkg-source apt-get; do
-    command -v "$tool" >/dev/null || { log "missing '$tool' (see DEVELOPERS.md: apt-get install golang-go rsync jq dpkg-dev)"; exit 1; }
-  done
-  for dir in /usr/share/gocode/src/github.com/modern-go/reflect2 /usr/share/gocode/src/github.com/json-iterator/go; do
-    [[ -d $dir ]] || { log "missing $dir (apt-get install golang-github-modern-go-reflect2-dev golang-github-json-iterator-go-dev)"; exit 1; }
-  done
-  work=$(mktemp -d)
-  log "building Kubernetes $KUBE_VERSION from Debian's source package in $work (one time)"
-  (cd "$work" && apt-get source kubernetes >"$work/source.log" 2>&1) || { cat "$work/source.log" >&2; log "apt-get source kubernetes failed: is there a deb-src entry?"; exit 1; }
-  src=$(find "$work" -maxdepth 1 -type d -name 'kubernetes-*' | head -n 1)
-  # The vendored reflect2 1.0.1 crashes under Go >= 1.18; use Debian's newer reflect2 and the
-  # json-iterator that matches it.
-  rm -rf "$src/vendor/github.com/modern-go/reflect2" "$src/vendor/github.com/json-iterator/go"
-  cp -rL /usr/share/gocode/src/github.com/modern-go/reflect2 "$src/vendor/github.com/modern-go/reflect2"
-  cp -rL /usr/share/gocode/src/github.com/json-iterator/go "$src/vendor/github.com/json-iterator/go"
-  (cd "$src" && env KUBE_GIT_VERSION="v$KUBE_VERSION" KUBE_GIT_TREE_STATE=clean CGO_ENABLED=0 \
-    make WHAT="cmd/kube-apiserver cmd/kube-scheduler cmd/kube-controller-manager" >"$work/build.log" 2>&1) \
-    || { tail -n 40 "$work/build.log" >&2; log "build failed"; exit 1; }
-  mkdir -p "$cache"
-  for bin in "${kube_bins[@]}"; do install -m 0755 "$src/_output/bin/$bin" "$cache/$bin"; done
-}
+mod="$cache/build"
+mkdir -p "$mod"
+export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto} CGO_ENABLED=0
+log "resolving k8s.io/kubernetes v$version"
+kube_gomod=$(cd "$mod" && go mod download -json "k8s.io/kubernetes@v$version" | sed -n 's/^\s*"GoMod": "\(.*\)",$/\1/p')
+[[ -f $kube_gomod ]] || { log "the Go module proxy does not serve k8s.io/kubernetes v$version"; exit 1; }
+go_directive=$(sed -n 's/^go \([0-9.]*\)$/\1/p' "$kube_gomod")
+etcd_version=$(sed -n 's#^\s*go.etcd.io/etcd/server/v3 \(v[^ ]*\).*#\1#p' "$kube_gomod")
 
-if ! have_all "$cache"; then
-  missing=0
-  for bin in "${kube_bins[@]}"; do [[ -x "$cache/$bin" ]] || missing=1; done
-  [[ $missing == 0 ]] || build
-  if [[ ! -x "$cache/etcd" ]]; then
-    etcd_bin=$(command -v etcd || true)
-    [[ -n $etcd_bin ]] || { log "no etcd: apt-get install etcd-server, or set KUBEBUILDER_ASSETS"; exit 1; }
-    install -m 0755 "$etcd_bin" "$cache/etcd"
-  fi
+if [[ ${#missing[@]} -gt 0 ]]; then
+  {
+    echo "// Generated by hack/kube-binaries.sh: builds Kubernetes v$version from its Go modules."
+    echo "module finetune.dev/kube-build"
+    echo
+    echo "go $go_directive"
+    echo
+    echo "require k8s.io/kubernetes v$version"
+    echo
+    echo "replace ("
+    sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\1#p' "$kube_gomod" |
+      while read -r staging; do echo "	$staging => $staging v0.$minor.${version##*.}"; done
+    echo ")"
+  } >"$mod/go.mod"
+  pkg=k8s.io/component-base/version
+  ldflags="-s -w -X $pkg.gitVersion=v$version -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  ldflags+=" -X k8s.io/client-go/pkg/version.gitVersion=v$version"
+  targets=()
+  for bin in "${missing[@]}"; do targets+=("k8s.io/kubernetes/cmd/$bin"); done
+  log "building ${missing[*]} v$version from Go modules (one time; several minutes on 2 cores)"
+  (cd "$mod" && go build -trimpath -ldflags "$ldflags" -o "$mod/bin/" "${targets[@]}") >&2
+  for bin in "${missing[@]}"; do install -m 0755 "$mod/bin/$bin" "$cache/$bin"; done
+fi
+
+if [[ ! -x "$cache/etcd" ]]; then
+  emod="$cache/etcd-build"
+  mkdir -p "$emod"
+  printf 'module finetune.dev/etcd-build\n\ngo %s\n\nrequire go.etcd.io/etcd/server/v3 %s\n' \
+    "$go_directive" "$etcd_version" >"$emod/go.mod"
+  log "building etcd $etcd_version (the version Kubernetes v$version requires)"
+  (cd "$emod" && go build -trimpath -ldflags "-s -w" -o "$emod/etcd" go.etcd.io/etcd/server/v3) >&2
+  install -m 0755 "$emod/etcd" "$cache/etcd"
 fi
 echo "$cache"

@@ -8,7 +8,8 @@ kubeconfig live under a directory of the caller's choice (the repo's ignored `.c
     python hack/localcluster.py down [DIR]   # stop and remove the state
 
 Binaries: $KUBEBUILDER_ASSETS first (envtest convention), then the cache filled by
-hack/kube-binaries.sh (which builds them once from Debian's source package).
+hack/kube-binaries.sh, which builds $KUBE_VERSION (default: the newest release the project pins,
+hack/kube-versions.sh) once from Go modules.
 """
 
 from __future__ import annotations
@@ -147,20 +148,21 @@ class LocalCluster:
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--allow-privileged=true",
-            "--enable-priority-and-fairness=false",
+            # Loopback cannot be the `kubernetes` Service's endpoint; nothing in-cluster needs it.
+            "--endpoint-reconciler-type=none",
         ])  # fmt: skip
         self._wait_ready(server, timeout)
         self._spawn("kube-scheduler", [
             str(bins["kube-scheduler"]), "--kubeconfig", str(self.kubeconfig),
-            "--leader-elect=false", "--port=0", "--bind-address", "127.0.0.1",
+            "--leader-elect=false", "--bind-address", "127.0.0.1",
             "--secure-port", str(free_port()),
         ])  # fmt: skip
         self._spawn("kube-controller-manager", [
             str(bins["kube-controller-manager"]), "--kubeconfig", str(self.kubeconfig),
-            "--leader-elect=false", "--port=0", "--bind-address", "127.0.0.1",
+            "--leader-elect=false", "--bind-address", "127.0.0.1",
             "--secure-port", str(free_port()),
             # No kubelets report here: without nodelifecycle the simulated nodes stay Ready.
-            "--controllers", "*,-nodelifecycle,-attachdetach,-cloud-node-lifecycle",
+            "--controllers", "*,-node-lifecycle-controller,-persistentvolume-attach-detach-controller",
             "--service-account-private-key-file", str(pki / "sa.key"),
             "--root-ca-file", str(pki / "ca.crt"),
             "--use-service-account-credentials=true",
@@ -228,12 +230,11 @@ class LocalCluster:
         path = "/api/v1/namespaces/default/serviceaccounts/default"
         while time.monotonic() < deadline:
             self._check_alive()
-            status, body = self._request(self.server, path)
-            if status == 200 and json.loads(body).get("secrets"):
+            if self._request(self.server, path)[0] == 200:
                 return
             time.sleep(0.5)
         raise ClusterError(
-            f"controller manager made no service account token; see {self.root}/logs"
+            f"controller manager made no default service account; see {self.root}/logs"
         )
 
     def _check_alive(self) -> None:
