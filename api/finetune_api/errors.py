@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from finetune_api.rules import RULE_ERROR
+
 
 def _location(loc: tuple[int | str, ...], root: str) -> str:
     path = root
@@ -25,5 +27,8 @@ def format_validation_error(exc: ValidationError, root: str = "spec") -> str:
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown field"
-        parts.append(f"{_location(error['loc'], root)}: {message}")
+        location = _location(error["loc"], root)
+        if error["type"] == RULE_ERROR:  # a cross-field rule names its field, as the CRD does
+            location += str((error.get("ctx") or {}).get("field_path", ""))
+        parts.append(f"{location}: {message}")
     return "; ".join(parts).replace("\n", " ")

@@ -10,11 +10,13 @@ import enum
 import posixpath
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from finetune_api.rules import RuledModel, cel_rule
 from finetune_api.training import TrainingHyperparams
 
+DEFAULT_MODEL: str = TrainingHyperparams.model_fields["pretrained_model"].default
 # Schedulers that step on the validation loss: they need a validation split.
 METRIC_SCHEDULERS = frozenset({"reduce_lr_on_plateau", "greedy"})
 
@@ -33,6 +35,8 @@ QUANTITY = (
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 
+MAX_PATH = 4096  # PATH_MAX; also bounds the CEL rules' cost
+MAX_NAME = 256
 ResourceName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 Quantity = Annotated[
     int | Annotated[str, Field(pattern=QUANTITY)],
@@ -40,7 +44,7 @@ Quantity = Annotated[
 ]
 
 
-class KubeModel(BaseModel):
+class KubeModel(RuledModel):
     """Base for the Kubernetes-side models: camelCase on the wire, unknown fields refused."""
 
     model_config = ConfigDict(
@@ -56,17 +60,19 @@ class VolumePath(KubeModel):
         str,
         Field(
             min_length=1,
+            max_length=MAX_PATH,
             pattern=r"^[^/]",
             description="Path inside the volume, relative to its root (no leading '/', no '..').",
         ),
     ]
 
-    @field_validator("path")
-    @classmethod
-    def _stays_inside(cls, value: str) -> str:
-        if ".." in value.split("/"):
-            raise ValueError("must stay inside the volume: '..' is not allowed")
-        return value
+    @cel_rule(
+        "!self.path.matches('(^|/)[.][.](/|$)')",
+        "must stay inside the volume: '..' is not allowed",
+        field_path=".path",
+    )
+    def _stays_inside(self) -> bool:
+        return ".." not in self.path.split("/")
 
     @property
     def normalized_path(self) -> str:
@@ -83,9 +89,15 @@ class SecretKeyRef(KubeModel):
     """A key of a Secret in the FineTuneJob's namespace."""
 
     name: Annotated[ResourceName, Field(description="Name of the Secret.")]
-    key: Annotated[str, Field(min_length=1, description="Key in the Secret holding the value.")] = (
-        "token"
-    )
+    key: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=253,
+            pattern=r"^[-._a-zA-Z0-9]+$",
+            description="Key in the Secret holding the value.",
+        ),
+    ] = "token"
 
 
 class HubModel(KubeModel):
@@ -95,6 +107,7 @@ class HubModel(KubeModel):
         str | None,
         Field(
             min_length=1,
+            max_length=MAX_PATH,
             description=(
                 "Hub model id, e.g. meta-llama/Llama-3.2-1B. Defaults to "
                 "spec.training.pretrained_model."
@@ -104,7 +117,9 @@ class HubModel(KubeModel):
     revision: Annotated[
         str | None,
         Field(
-            min_length=1, description="Branch, tag or commit to pin; the default branch if unset."
+            min_length=1,
+            max_length=MAX_NAME,
+            description="Branch, tag or commit to pin; the default branch if unset.",
         ),
     ] = None
     token_secret_ref: Annotated[
@@ -153,11 +168,9 @@ class ModelSource(KubeModel):
         ),
     ] = False
 
-    @model_validator(mode="after")
-    def _one_source(self) -> ModelSource:
-        if self.hub is not None and self.volume is not None:
-            raise ValueError("set either hub or volume, not both")
-        return self
+    @cel_rule("!(has(self.hub) && has(self.volume))", "set either hub or volume, not both")
+    def _one_source(self) -> bool:
+        return self.hub is None or self.volume is None
 
 
 class DatasetFormat(enum.StrEnum):
@@ -176,12 +189,16 @@ class DatasetSource(VolumePath):
 
     format: Annotated[
         DatasetFormat | None,
-        Field(description="File format; inferred from the file extension when unset."),
+        Field(
+            strict=False,  # the enum's string values are what the wire carries
+            description="File format; inferred from the file extension when unset.",
+        ),
     ] = None
     text_field: Annotated[
         str | None,
         Field(
             min_length=1,
+            max_length=MAX_NAME,
             description=(
                 "Column holding each record's full training text. Defaults to 'text' unless "
                 "promptField and completionField are set."
@@ -192,11 +209,15 @@ class DatasetSource(VolumePath):
         str | None,
         Field(
             min_length=1,
+            max_length=MAX_NAME,
             description="Column holding the prompt; the loss is computed on the completion only.",
         ),
     ] = None
     completion_field: Annotated[
-        str | None, Field(min_length=1, description="Column holding the completion to learn.")
+        str | None,
+        Field(
+            min_length=1, max_length=MAX_NAME, description="Column holding the completion to learn."
+        ),
     ] = None
     max_sequence_length: Annotated[
         int,
@@ -207,18 +228,27 @@ class DatasetSource(VolumePath):
         ),
     ] = 2048
 
-    @model_validator(mode="after")
-    def _fields_consistent(self) -> DatasetSource:
-        if (self.prompt_field is None) != (self.completion_field is None):
-            raise ValueError("promptField and completionField must be set together")
-        if self.prompt_field is not None and self.text_field is not None:
-            raise ValueError("set either textField or promptField/completionField, not both")
-        if self.format is None and self.inferred_format is None:
-            known = ", ".join(_EXTENSIONS)
-            raise ValueError(
-                f"format is unset and path {self.path!r} has no known extension ({known})"
-            )
-        return self
+    @cel_rule(
+        "has(self.promptField) == has(self.completionField)",
+        "promptField and completionField must be set together",
+    )
+    def _prompt_with_completion(self) -> bool:
+        return (self.prompt_field is None) == (self.completion_field is None)
+
+    @cel_rule(
+        "!(has(self.textField) && has(self.promptField))",
+        "set either textField or promptField/completionField, not both",
+    )
+    def _text_or_prompt(self) -> bool:
+        return self.prompt_field is None or self.text_field is None
+
+    @cel_rule(
+        "has(self.format) || self.path.lowerAscii().matches('(^|/)[^/]*[^./][^/]*[.](jsonl|json|csv|parquet)$')",
+        "format is unset and path {path} has no known extension (.jsonl, .json, .csv, .parquet)",
+        field_path=".format",
+    )
+    def _format_known(self) -> bool:
+        return self.format is not None or self.inferred_format is not None
 
     @property
     def inferred_format(self) -> DatasetFormat | None:
@@ -295,7 +325,7 @@ class Placement(KubeModel):
         Field(description="Tolerations added to the nvidia.com/gpu toleration the pod always has."),
     ] = Field(default_factory=list)
     priority_class_name: Annotated[
-        str | None, Field(min_length=1, description="PriorityClass of the training pod.")
+        ResourceName | None, Field(description="PriorityClass of the training pod.")
     ] = None
 
 
@@ -319,7 +349,11 @@ class FineTuneJobSpec(KubeModel):
     ] = Field(default_factory=Placement)
     image: Annotated[
         str | None,
-        Field(min_length=1, description="Trainer image; the operator's default when unset."),
+        Field(
+            min_length=1,
+            max_length=MAX_PATH,
+            description="Trainer image; the operator's default when unset.",
+        ),
     ] = None
     suspend: Annotated[
         bool,
@@ -338,39 +372,48 @@ class FineTuneJobSpec(KubeModel):
         Field(ge=1, description="Wall-clock limit for the whole job; it fails when exceeded."),
     ] = None
 
-    @field_validator("training")
-    @classmethod
-    def _runnable(cls, training: TrainingHyperparams) -> TrainingHyperparams:
-        """Combinations the trainer cannot run, refused before anything is scheduled."""
-        if training.peft_method == "loftq":
-            scheme = training.resolved_quantization_scheme
-            if scheme is None or not scheme.is_bitsandbytes:
-                raise ValueError(
-                    "peft_implementation loftq needs quantize_model: true with a bitsandbytes "
-                    "scheme (bnb-4bit or bnb-8bit): LoftQ starts LoRA from the quantization error"
-                )
-        if training.lr_scheduler in METRIC_SCHEDULERS and training.validation_ratio == 0:
-            raise ValueError(
-                f"lr_scheduler {training.lr_scheduler} adjusts the learning rate on the "
-                "validation loss: set validation_ratio > 0"
-            )
-        if training.num_input_records_to_sample == 0:
-            raise ValueError(
-                "num_input_records_to_sample 0 means no training step: set a positive count or 'auto'"
-            )
-        return training
+    # Combinations the trainer cannot run, refused before anything is scheduled.
+    # (An explicit non-bitsandbytes scheme with loftq is TrainingHyperparams' own rule; without
+    # one, quantization_bits names a bitsandbytes scheme.)
+    @cel_rule(
+        "self.training.peft_implementation.lowerAscii() != 'loftq' || self.training.quantize_model",
+        "peft_implementation loftq needs quantize_model: true with a bitsandbytes scheme "
+        "(bnb-4bit or bnb-8bit): LoftQ starts LoRA from the quantization error",
+        field_path=".training.peft_implementation",
+    )
+    def _loftq_runnable(self) -> bool:
+        return self.training.peft_method != "loftq" or self.training.quantize_model
 
-    @model_validator(mode="after")
-    def _one_model_name(self) -> FineTuneJobSpec:
+    @cel_rule(
+        f"!(self.training.lr_scheduler in {sorted(METRIC_SCHEDULERS)!r})"
+        " || self.training.validation_ratio > 0.0",
+        "lr_scheduler {training.lr_scheduler} adjusts the learning rate on the validation loss: "
+        "set validation_ratio > 0",
+        field_path=".training.validation_ratio",
+    )
+    def _metric_scheduler_validates(self) -> bool:
+        training = self.training
+        return training.lr_scheduler not in METRIC_SCHEDULERS or training.validation_ratio > 0
+
+    @cel_rule(
+        "!has(self.training.num_input_records_to_sample)"
+        " || self.training.num_input_records_to_sample != 0",
+        "num_input_records_to_sample 0 means no training step: set a positive count or 'auto'",
+        field_path=".training.num_input_records_to_sample",
+    )
+    def _trains_something(self) -> bool:
+        return self.training.num_input_records_to_sample != 0
+
+    @cel_rule(
+        "!has(self.model.hub) || !has(self.model.hub.id) || self.training.pretrained_model in"
+        f" [{DEFAULT_MODEL!r}, self.model.hub.id]",
+        "model.hub.id {model.hub.id} and training.pretrained_model {training.pretrained_model} "
+        "name different models: set only one",
+        field_path=".model.hub.id",
+    )
+    def _one_model_name(self) -> bool:
         hub_id = self.model.hub.id if self.model.hub else None
-        default_model = TrainingHyperparams.model_fields["pretrained_model"].default
-        named = self.training.pretrained_model
-        if hub_id is not None and named not in (default_model, hub_id):
-            raise ValueError(
-                f"model.hub.id {hub_id!r} and training.pretrained_model {named!r} name different "
-                "models: set only one"
-            )
-        return self
+        return hub_id is None or self.training.pretrained_model in (DEFAULT_MODEL, hub_id)
 
     @property
     def model_name(self) -> str:

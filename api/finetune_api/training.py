@@ -10,16 +10,16 @@ import enum
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from finetune_api.rules import RuledModel, cel_rule
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -159,7 +159,7 @@ AutoRopeFactor = Annotated[
 ]
 
 
-class TrainingHyperparams(BaseModel):
+class TrainingHyperparams(RuledModel):
     """Fine-tuning hyperparameters. Same names, defaults and ranges as NeMo Safe Synthesizer's
     `training` configuration, so such a block can be pasted here unchanged."""
 
@@ -251,9 +251,10 @@ class TrainingHyperparams(BaseModel):
         ),
     ] = 1.0
     lora_target_modules: Annotated[
-        list[str],
+        list[Annotated[str, Field(max_length=256)]],
         Field(
             min_length=1,
+            max_length=64,
             description=(
                 "Names of the model's linear layers that receive LoRA adapters, e.g. q_proj, k_proj, "
                 "v_proj, o_proj, gate_proj, up_proj, down_proj. At least one."
@@ -289,6 +290,7 @@ class TrainingHyperparams(BaseModel):
         str,
         Field(
             min_length=1,
+            max_length=4096,
             description=(
                 "Base model to fine-tune: a Hugging Face Hub id or a local path. Defaults to "
                 "SmolLM3-3B. Only load models from sources you trust."
@@ -332,6 +334,7 @@ class TrainingHyperparams(BaseModel):
                 "k-bit prepared, quantized base) or 'loftq' (LoRA initialised with LoftQ). "
                 "Case-insensitive."
             ),
+            max_length=16,
             json_schema_extra={"pattern": "^(?i:lora|qlora|loftq)$"},
         ),
     ] = "QLORA"
@@ -350,6 +353,7 @@ class TrainingHyperparams(BaseModel):
         str,
         Field(
             min_length=1,
+            max_length=256,
             description=(
                 "Attention kernel used when loading the model: 'sdpa' (PyTorch scaled dot-product "
                 "attention, the portable default), 'eager', 'flash_attention_2', "
@@ -376,17 +380,23 @@ class TrainingHyperparams(BaseModel):
     @field_validator("quantization_scheme", mode="before")
     @classmethod
     def _scheme_alias(cls, value: Any) -> Any:
-        return None if value is None else QuantizationScheme.from_alias(value)
+        if value is None or isinstance(value, QuantizationScheme):
+            return value
+        if isinstance(value, str) and value in QuantizationScheme._value2member_map_:
+            return QuantizationScheme(value)
+        names = ", ".join(QuantizationScheme)
+        raise ValueError(f"must be one of {names} (or null), got {value!r}")
 
-    @model_validator(mode="after")
-    def _loftq_needs_bitsandbytes(self) -> TrainingHyperparams:
+    @cel_rule(
+        "self.peft_implementation.lowerAscii() != 'loftq' || !has(self.quantization_scheme)"
+        " || self.quantization_scheme in ['bnb-4bit', 'bnb-8bit']",
+        "quantization_scheme {quantization_scheme} cannot be used with peft_implementation loftq: "
+        "LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)",
+        field_path=".quantization_scheme",
+    )
+    def _loftq_needs_bitsandbytes(self) -> bool:
         scheme = self.quantization_scheme
-        if self.peft_method == "loftq" and scheme is not None and not scheme.is_bitsandbytes:
-            raise ValueError(
-                f"quantization_scheme {scheme.value} cannot be used with peft_implementation "
-                "loftq: LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)"
-            )
-        return self
+        return self.peft_method != "loftq" or scheme is None or scheme.is_bitsandbytes
 
     @property
     def effective_batch_size(self) -> int:

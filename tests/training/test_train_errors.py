@@ -169,7 +169,7 @@ def test_loftq_without_quantization(tmp_path: Path, data: Path, run_trainer: Run
         run,
         2,
         "InvalidInput",
-        f"job file {job}: spec.training: peft_implementation loftq needs quantize_model: true "
+        f"job file {job}: spec.training.peft_implementation: peft_implementation loftq needs quantize_model: true "
         "with a bitsandbytes scheme (bnb-4bit or bnb-8bit): LoftQ starts LoRA from the "
         "quantization error",
     )

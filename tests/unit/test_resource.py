@@ -104,7 +104,7 @@ def test_camel_case_on_the_wire() -> None:
         ),
         (
             with_(dataset={"claimName": "data", "path": "train.txt"}),
-            "spec.dataset: format is unset and path 'train.txt' has no known extension",
+            "spec.dataset.format: format is unset and path train.txt has no known extension",
         ),
         (
             with_(dataset={"claimName": "data", "path": "t.csv", "promptField": "q"}),
@@ -137,7 +137,7 @@ def test_camel_case_on_the_wire() -> None:
         ),
         (
             with_(model={"hub": {"id": "a/b"}}, training={"pretrained_model": "c/d"}),
-            "spec: model.hub.id 'a/b' and training.pretrained_model 'c/d' name different models",
+            "spec.model.hub.id: model.hub.id a/b and training.pretrained_model c/d name different models",
         ),
         (
             with_(model={"parametersBillions": 0}),
@@ -160,24 +160,24 @@ def test_camel_case_on_the_wire() -> None:
                     "peft_implementation": "loftq",
                 }
             ),
-            "spec.training: quantization_scheme nvfp4 cannot be used with peft_implementation loftq",
+            "spec.training.quantization_scheme: quantization_scheme nvfp4 cannot be used with peft_implementation loftq",
         ),
         (with_(trainingg={}), "spec.trainingg: unknown field"),
         (
             with_(training={"peft_implementation": "loftq"}),
-            "spec.training: peft_implementation loftq needs quantize_model: true",
+            "spec.training.peft_implementation: peft_implementation loftq needs quantize_model: true",
         ),
         (
             with_(training={"lr_scheduler": "reduce_lr_on_plateau"}),
-            "spec.training: lr_scheduler reduce_lr_on_plateau adjusts the learning rate on the validation loss",
+            "spec.training.validation_ratio: lr_scheduler reduce_lr_on_plateau adjusts the learning rate on the validation loss",
         ),
         (
             with_(training={"lr_scheduler": "greedy", "validation_ratio": 0}),
-            "spec.training: lr_scheduler greedy",
+            "spec.training.validation_ratio: lr_scheduler greedy",
         ),
         (
             with_(training={"num_input_records_to_sample": 0}),
-            "spec.training: num_input_records_to_sample 0 means no training step",
+            "spec.training.num_input_records_to_sample: num_input_records_to_sample 0 means no training step",
         ),
     ],
 )

@@ -175,11 +175,12 @@ def test_other_peft_methods_accept_every_scheme(peft: str, scheme: QuantizationS
     TrainingHyperparams(quantize_model=True, quantization_scheme=scheme, peft_implementation=peft)
 
 
-def test_scheme_accepts_legacy_bit_count() -> None:
-    assert (
-        TrainingHyperparams(quantization_scheme=4).quantization_scheme
-        is QuantizationScheme.BNB_4BIT
-    )  # type: ignore[arg-type]
+@pytest.mark.parametrize("value", [4, 8, True, "BNB-4BIT"])
+def test_scheme_takes_only_its_names(value: object) -> None:
+    """A bit count belongs in quantization_bits: the CRD's field is a string enum, and Safe
+    Synthesizer refuses a number here too."""
+    with pytest.raises(ValidationError, match="must be one of bnb-4bit, bnb-8bit, fp8"):
+        TrainingHyperparams(quantization_scheme=value)  # type: ignore[arg-type]
 
 
 def test_safe_synthesizer_block_pastes_unchanged() -> None:
