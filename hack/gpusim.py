@@ -182,6 +182,7 @@ class FakeKubelet:
     returns (exit_code, termination_message) and the pod is finished with them.
     namespaces: which namespaces' pods this kubelet plays (all when None), so that two kubelets
     can share the simulated nodes.
+    stop_delay: seconds a deleted pod's container takes to stop.
     """
 
     def __init__(
@@ -190,13 +191,16 @@ class FakeKubelet:
         auto_start: bool = True,
         runner: Callable[[Any], tuple[int, str]] | None = None,
         namespaces: Callable[[str], bool] | None = None,
+        stop_delay: float = 1.5,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.auto_start = auto_start
         self.runner = runner
         self.namespaces = namespaces
         self._stop = threading.Event()
+        self.stop_delay = stop_delay
         self._seen: set[str] = set()
+        self._stopping: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
 
     def __enter__(self) -> FakeKubelet:
@@ -234,10 +238,9 @@ class FakeKubelet:
             return
         key = pod.metadata.uid
         if pod.metadata.deletion_timestamp is not None:
-            with contextlib.suppress(ApiException):
-                self.core.delete_namespaced_pod(
-                    pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
-                )
+            if key not in self._stopping:
+                self._stopping.add(key)
+                threading.Thread(target=self._stop_pod, args=(pod,), daemon=True).start()
             return
         if key in self._seen or pod.status.phase in ("Succeeded", "Failed"):
             return
@@ -246,6 +249,22 @@ class FakeKubelet:
             self.set_running(pod)
         if self.runner is not None:
             threading.Thread(target=self._run, args=(pod,), daemon=True).start()
+
+    def _stop_pod(self, pod: Any) -> None:
+        """As a kubelet does on a graceful deletion: the container gets SIGTERM and takes a moment
+        to stop (exit 143), the pod ends Failed, then the kubelet removes it."""
+        time.sleep(self.stop_delay)
+        with contextlib.suppress(ApiException):
+            if pod.status.phase not in ("Succeeded", "Failed"):
+                fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+                self.core.patch_namespaced_pod_status(
+                    pod.metadata.name,
+                    pod.metadata.namespace,
+                    pod_status_terminated(fresh, 143, "terminated by SIGTERM"),
+                )
+            self.core.delete_namespaced_pod(
+                pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0
+            )
 
     def _run(self, pod: Any) -> None:
         try:

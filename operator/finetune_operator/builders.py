@@ -25,6 +25,10 @@ from kubernetes.client import (
     V1ObjectMeta,
     V1OwnerReference,
     V1PersistentVolumeClaimVolumeSource,
+    V1PodFailurePolicy,
+    V1PodFailurePolicyOnExitCodesRequirement,
+    V1PodFailurePolicyOnPodConditionsPattern,
+    V1PodFailurePolicyRule,
     V1PodSecurityContext,
     V1PodSpec,
     V1PodTemplateSpec,
@@ -51,6 +55,7 @@ LABEL_UID = f"{GROUP}/job-uid"
 LABEL_NAME = f"{GROUP}/job-name"
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
 TRAINER_UID = 65532
+TRAINER_CONTAINER = "trainer"
 CACHE_DIR = "/cache"
 MAX_CHILD_NAME = 52  # leaves room for the 6 characters the Job controller appends to pod names
 # On SIGTERM (preemption, suspend, node drain) the trainer saves a checkpoint before it exits.
@@ -278,7 +283,7 @@ def build_job(
     """The batch/v1 Job that trains: one pod, restricted Pod Security, placed by GPU affinity."""
     volumes, mounts = _volumes(spec, config_map_name(job.name))
     container = V1Container(
-        name="trainer",
+        name=TRAINER_CONTAINER,
         image=spec.image or settings.trainer_image,
         image_pull_policy=settings.image_pull_policy,
         args=["--job", posixpath.join(tc.CONFIG_MOUNT, tc.CONFIG_KEY)],
@@ -325,7 +330,34 @@ def build_job(
             backoff_limit=spec.backoff_limit,
             active_deadline_seconds=spec.active_deadline_seconds,
             completions=1,
-            parallelism=0 if spec.suspend else 1,
+            parallelism=1,
+            suspend=spec.suspend,
+            pod_failure_policy=pod_failure_policy(),
+            # A replacement starts only once the old pod has stopped (and written its checkpoint).
+            pod_replacement_policy="Failed",
             template=V1PodTemplateSpec(metadata=template_meta, spec=pod),
         ),
+    )
+
+
+def pod_failure_policy() -> V1PodFailurePolicy:
+    """Fail at once when the trainer says retrying cannot help; a disrupted pod (preemption,
+    eviction, node drain: the DisruptionTarget condition) is replaced without using a retry."""
+    return V1PodFailurePolicy(
+        rules=[
+            V1PodFailurePolicyRule(
+                action="FailJob",
+                on_exit_codes=V1PodFailurePolicyOnExitCodesRequirement(
+                    container_name=TRAINER_CONTAINER,
+                    operator="In",
+                    values=[tc.EXIT_INVALID_INPUT],
+                ),
+            ),
+            V1PodFailurePolicyRule(
+                action="Ignore",
+                on_pod_conditions=[
+                    V1PodFailurePolicyOnPodConditionsPattern(type="DisruptionTarget", status="True")
+                ],
+            ),
+        ]
     )

@@ -75,9 +75,9 @@ class Kube:
                 return None
             raise
 
-    def set_job_parallelism(self, namespace: str, name: str, parallelism: int) -> None:
+    def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         self.batch.patch_namespaced_job(
-            name, namespace, {"spec": {"parallelism": parallelism}}, _content_type=MERGE_PATCH
+            name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH
         )
 
     def list_pods(self, namespace: str, uid: str) -> list[Any]:

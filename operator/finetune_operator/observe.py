@@ -48,14 +48,17 @@ class PodView:
     finished_at: str | None
     exit_code: int | None
     termination_message: str | None
+    disruption: str | None = None  # why the pod was disrupted (evicted, preempted, drained)
 
     @classmethod
     def from_api(cls, pod: Any) -> PodView:
         """From a kubernetes.client V1Pod."""
-        unschedulable = None
+        unschedulable = disruption = None
         for condition in pod.status.conditions or []:
             if condition.type == "PodScheduled" and condition.status == "False":
                 unschedulable = condition.message or condition.reason or "unschedulable"
+            if condition.type == "DisruptionTarget" and condition.status == "True":
+                disruption = condition.message or condition.reason or "disrupted"
         started = finished = message = None
         exit_code = None
         for status in pod.status.container_statuses or []:
@@ -77,6 +80,7 @@ class PodView:
             finished_at=finished,
             exit_code=exit_code,
             termination_message=message,
+            disruption=disruption,
         )
 
     @property
@@ -105,7 +109,7 @@ class PodView:
 class JobView:
     name: str
     spec_hash: str | None
-    parallelism: int
+    suspended: bool
     active: int
     failed: int
     succeeded: int
@@ -131,7 +135,7 @@ class JobView:
         return cls(
             name=job.metadata.name,
             spec_hash=annotations.get(ANNOTATION_SPEC_HASH),
-            parallelism=job.spec.parallelism if job.spec.parallelism is not None else 1,
+            suspended=bool(job.spec.suspend),
             active=job.status.active or 0,
             failed=job.status.failed or 0,
             succeeded=job.status.succeeded or 0,

@@ -24,7 +24,7 @@ from finetune_operator.kube import Kube
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import GpuRequirement, diagnose_unschedulable, gpu_requirement
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observation, Transition, derive, hopeless_pod
+from finetune_operator.status import Observation, Transition, derive
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Reconciler:
             nodes = self.kube.gpu_nodes(self.settings.labels)
             diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
         if job_view is not None:
-            self._apply_run_control(job, spec, job_view, pods)
+            self._apply_run_control(job, spec, job_view)
         obs = Observation(
             generation=job.generation,
             now=now(),
@@ -143,14 +143,12 @@ class Reconciler:
         )
         self._write_status(body, obs)
 
-    def _apply_run_control(
-        self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView, pods: tuple[PodView, ...]
-    ) -> None:
-        """Honour spec.suspend live, and stop retries the trainer said cannot succeed."""
+    def _apply_run_control(self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView) -> None:
+        """Honour spec.suspend live through the Job's own suspend. (The Job's pod failure policy
+        stops retries the trainer said cannot succeed.)"""
         finished = view.complete_time is not None or view.failed_reason is not None
-        wanted = 0 if spec.suspend or hopeless_pod(pods) is not None else 1
-        if not finished and view.parallelism != wanted:
-            self.kube.set_job_parallelism(job.namespace, view.name, wanted)
+        if not finished and view.suspended != spec.suspend:
+            self.kube.set_job_suspend(job.namespace, view.name, spec.suspend)
 
     def _write_status(self, body: Mapping[str, Any], obs: Observation) -> None:
         meta = body["metadata"]

@@ -258,6 +258,19 @@ def _active(
     if obs.node is not None and obs.node.capability is not None:
         where += f" ({obs.node.capability} {obs.node.product})"
     b.set(ConditionType.SCHEDULED, "True", "Bound", f"bound to node {where}")
+    return _on_node(b, obs, status, pod, where)
+
+
+def _on_node(
+    b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView, where: str
+) -> tuple[Phase, str, str]:
+    if pod.disruption is not None:  # the Job's pod failure policy: no retry is used
+        message = (
+            f"training pod disrupted ({pod.disruption}); a replacement resumes from the last "
+            "checkpoint without using a retry"
+        )
+        b.set(ConditionType.RUNNING, "False", "Disrupted", message)
+        return Phase.PENDING, "Disrupted", message
     if pod.phase == "Running":
         status.start_time = status.start_time or pod.started_at or obs.now
         b.set(ConditionType.RUNNING, "True", "Training", f"training on {where}")

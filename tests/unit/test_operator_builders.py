@@ -157,7 +157,24 @@ def test_job_shape_and_owner() -> None:
         "blockOwnerDeletion": True,
     }
     assert j["spec"]["template"]["metadata"]["labels"]["finetune.dev/job-uid"] == "0000-1111"
-    assert job_dict(spec(suspend=True))["spec"]["parallelism"] == 0
+    assert j["spec"]["suspend"] is False
+    suspended = job_dict(spec(suspend=True))["spec"]
+    assert suspended["suspend"] is True and suspended["parallelism"] == 1
+
+
+def test_job_uses_pod_failure_policy_and_waits_for_failed_pods() -> None:
+    j = job_dict(spec())["spec"]
+    assert j["podReplacementPolicy"] == "Failed"
+    fail, ignore = j["podFailurePolicy"]["rules"]
+    assert fail == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert ignore == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert j["template"]["spec"]["containers"][0]["name"] == "trainer"
 
 
 def test_names_are_deterministic_and_short() -> None:
