@@ -173,7 +173,7 @@ def test_operator_accepts_the_rendered_arguments(values: Path | None) -> None:
         assert {k: str(v) for k, v in settings.min_capability.items()} == rendered["trainer"][
             "minCapability"
         ]
-        assert settings.clusterwide and settings.webhook and settings.peering is None
+        assert settings.clusterwide and not settings.webhook and settings.peering is None
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
@@ -194,11 +194,20 @@ def test_several_replicas_use_kopf_peering() -> None:
     assert cluster_wide["metadata"]["name"] == "rel-finetune-operator"
 
 
-def test_webhook_service_and_cert_manager() -> None:
+def test_webhook_off_by_default_service_and_cert_manager_when_on() -> None:
+    """The CRD's CEL rules refuse what the webhook refused: by default there is none, and no RBAC
+    for webhook configurations."""
     default = render()
-    (service,) = of_kind(default, "Service")
+    assert of_kind(default, "Service") == [] and of_kind(default, "Certificate") == []
+    resources = {
+        r
+        for role in of_kind(default, "ClusterRole")
+        for rule in role["rules"]
+        for r in rule["resources"]
+    }
+    assert "validatingwebhookconfigurations" not in resources
+    (service,) = of_kind(render(None, "webhook.enabled=true"), "Service")
     assert service["metadata"]["name"] == "rel-finetune-operator-webhook"
-    assert of_kind(default, "Certificate") == []
     with_cm = render(CHART / "ci" / "namespaced-values.yaml")
     certificates = {c["metadata"]["name"]: c for c in of_kind(with_cm, "Certificate")}
     serving = certificates["rel-finetune-operator-webhook"]
