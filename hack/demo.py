@@ -34,6 +34,8 @@ from localcluster import REPO, LocalCluster
 from podrunner import LocalRuntime
 from tinymodel import TINY_QLORA, tiny_finetunejob, write_corpus
 
+# Pod Security admission enforces the restricted profile on the demo's training pods.
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 NAMESPACE = "demo"
 TRAINER_IMAGE = "local/finetune-trainer:dev"
 TINY_JOB = tiny_finetunejob(
@@ -254,7 +256,9 @@ def main() -> int:
              "--trainer-image", TRAINER_IMAGE, "--progress-interval", "2"],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
-        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE)))
+        core.create_namespace(
+            client.V1Namespace(metadata=client.V1ObjectMeta(name=NAMESPACE, labels=RESTRICTED))
+        )
         for claim in ("data", "adapters", "models"):
             bind_hostpath_claim(core, NAMESPACE, claim, root / "volumes" / claim)
         for claim in ("data", "adapters", "models"):

@@ -3,8 +3,8 @@
 For the local control plane only (no container engine here): the container's command runs in a
 private mount namespace (`unshare --mount`, so root is needed) where
 
-* the pod's volumes are bind-mounted at their mountPaths: configMap and secret volumes as files
-  (the service-account token included), persistentVolumeClaims as the hostPath of their bound
+* the pod's volumes are bind-mounted at their mountPaths: configMap, secret and projected volumes
+  as files (the service-account token from the TokenRequest API included), persistentVolumeClaims as the hostPath of their bound
   PersistentVolume, emptyDirs as fresh directories;
 * `readOnlyRootFilesystem` makes `/` read-only; `readOnly` mounts are read-only;
 * the termination message file is bind-mounted at `terminationMessagePath`;
@@ -143,6 +143,8 @@ class LocalRuntime:
             for key, value in data.items():
                 (target / key).write_bytes(base64.b64decode(value))
                 (target / key).chmod(0o644)
+        elif volume.projected is not None:
+            self._project(pod, volume.projected, target)
         elif volume.persistent_volume_claim is not None:
             claim = self.core.read_namespaced_persistent_volume_claim(
                 volume.persistent_volume_claim.claim_name, namespace
@@ -152,6 +154,43 @@ class LocalRuntime:
         elif volume.empty_dir is None:
             raise ValueError(f"volume {volume.name}: type not supported by the local runtime")
         return target
+
+    def _project(self, pod: Any, projected: Any, target: Path) -> None:
+        """A projected volume, as the ServiceAccount admission adds it (kube-api-access-*): a
+        bound token from the TokenRequest API, the cluster's CA bundle, the namespace."""
+        namespace = pod.metadata.namespace
+        files: dict[str, bytes] = {}
+        for source in projected.sources or []:
+            if source.service_account_token is not None:
+                request = source.service_account_token
+                spec = client.V1TokenRequestSpec(
+                    audiences=[request.audience] if request.audience else [],
+                    expiration_seconds=request.expiration_seconds,
+                    bound_object_ref=client.V1BoundObjectReference(
+                        api_version="v1", kind="Pod", name=pod.metadata.name, uid=pod.metadata.uid
+                    ),
+                )
+                token = self.core.create_namespaced_service_account_token(
+                    pod.spec.service_account_name or "default",
+                    namespace,
+                    client.AuthenticationV1TokenRequest(spec=spec),
+                )
+                files[request.path] = token.status.token.encode()
+            elif source.config_map is not None:
+                data = self.core.read_namespaced_config_map(source.config_map.name, namespace).data
+                for item in source.config_map.items or []:
+                    files[item.path] = (data or {})[item.key].encode()
+            elif source.downward_api is not None:
+                for item in source.downward_api.items or []:
+                    value = {
+                        "metadata.name": pod.metadata.name,
+                        "metadata.namespace": namespace,
+                    }[item.field_ref.field_path]
+                    files[item.path] = value.encode()
+        for path, content in files.items():
+            (target / path).parent.mkdir(parents=True, exist_ok=True)
+            (target / path).write_bytes(content)
+            (target / path).chmod(0o644)
 
     def _env(self, pod: Any, container: Any) -> dict[str, str]:
         env = {

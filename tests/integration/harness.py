@@ -83,6 +83,20 @@ class Cluster:
         return result
 
 
+def service_account_token(cluster: Cluster, namespace: str, name: str) -> str:
+    """A fresh token of the ServiceAccount, through the TokenRequest API (`kubectl create token`),
+    once the ServiceAccount exists."""
+    wait_for(
+        lambda: (
+            cluster.core.list_namespaced_service_account(
+                namespace, field_selector=f"metadata.name={name}"
+            ).items
+        ),
+        what=f"ServiceAccount {namespace}/{name}",
+    )
+    return cluster.kubectl("create", "token", name, "-n", namespace).stdout.strip()
+
+
 def _kubectl_binary() -> str:
     tools = REPO / ".tools" / "bin" / "kubectl"
     return str(tools) if tools.exists() else (shutil.which("kubectl") or "kubectl")
@@ -219,10 +233,20 @@ class Namespace:
         return list(self.cluster.batch.list_namespaced_job(self.name).items)
 
 
+# Pod Security admission enforces the restricted profile in every namespace the tests use: a pod
+# the operator or the chart creates that breaks it is refused by the API server (FailedCreate).
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+
+
+def create_restricted_namespace(cluster: Cluster, name: str) -> None:
+    meta = client.V1ObjectMeta(name=name, labels=RESTRICTED)
+    cluster.core.create_namespace(client.V1Namespace(metadata=meta))
+
+
 def make_namespace(cluster: Cluster, tmp_path: Path, prefix: str = "t") -> Namespace:
     """A namespace with claims data, out and models bound to host directories."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    create_restricted_namespace(cluster, name)
     volumes = {claim: tmp_path / "volumes" / claim for claim in ("data", "out", "models")}
     for claim, path in volumes.items():
         bind_hostpath_claim(cluster.core, name, claim, path)

@@ -3,7 +3,6 @@ ServiceAccount token (not admin): its RBAC must be enough for a whole FineTuneJo
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -16,7 +15,15 @@ import yaml
 from kubernetes import client
 
 from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
-from integration.harness import Cluster, ftj_manifest, make_namespace, running_cluster, wait_for
+from integration.harness import (
+    Cluster,
+    create_restricted_namespace,
+    ftj_manifest,
+    make_namespace,
+    running_cluster,
+    service_account_token,
+    wait_for,
+)
 from localcluster import free_port
 from podsecurity import restricted_violations
 
@@ -53,16 +60,9 @@ def rendered(release: str, namespace: str, *sets: str) -> list[dict[str, Any]]:
 def service_account_kubeconfig(cluster: Cluster, name: str, system: str, path: Path) -> Path:
     """A kubeconfig that authenticates with the ServiceAccount's token."""
 
-    def token_secret() -> str | None:
-        sa = cluster.core.read_namespaced_service_account(name, system)
-        return sa.secrets[0].name if sa.secrets else None
-
-    found = wait_for(token_secret, what="a token for the operator's ServiceAccount")
-    secret = cluster.core.read_namespaced_secret(found, system)
+    token = service_account_token(cluster, system, name)
     admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    admin["users"] = [
-        {"name": name, "user": {"token": base64.b64decode(secret.data["token"]).decode()}}
-    ]
+    admin["users"] = [{"name": name, "user": {"token": token}}]
     admin["contexts"][0]["context"]["user"] = name
     path.write_text(json.dumps(admin))
     return path
@@ -78,7 +78,7 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
     docs = rendered(
         release, system, *([f"watch.namespaces={{{ns.name}}}"] if mode == "namespaced" else [])
     )
-    cluster.core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=system)))
+    create_restricted_namespace(cluster, system)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     cluster.kubectl(
         "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"

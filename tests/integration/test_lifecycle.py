@@ -113,37 +113,24 @@ def test_kubectl_explain_explains_training_fields(namespace: Namespace) -> None:
     assert "Column holding the prompt" in result.stdout
 
 
-def test_cross_field_error_sets_validated_false_without_children(namespace: Namespace) -> None:
+def test_cross_field_error_is_refused_at_apply_and_a_fix_runs(namespace: Namespace) -> None:
+    """The CRD's CEL rule refuses it: no object, so the operator never makes children."""
     training = {
         "quantize_model": True,
         "quantization_scheme": "nvfp4",
         "peft_implementation": "loftq",
     }
-    assert namespace.apply(ftj_manifest("loftq-fp4", training)).returncode == 0
-    cond = wait_for(
-        lambda: namespace.condition("loftq-fp4", "Validated"), what="Validated condition"
-    )
-    assert cond["status"] == "False"
-    assert cond["reason"] == "InvalidSpec"
-    assert cond["message"] == (
-        "spec.training: quantization_scheme nvfp4 cannot be used with peft_implementation loftq: "
-        "LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)"
-    )
-    status = namespace.ftj("loftq-fp4")["status"]
-    assert status["phase"] == "Failed"
-    assert status["observedGeneration"] == 1
-    wait_event(namespace, "loftq-fp4", lambda e: e.reason == "InvalidSpec" and e.type == "Warning")
-    time.sleep(2)  # give a wrong operator time to create children
-    assert namespace.jobs() == []
+    result = namespace.apply(ftj_manifest("loftq-fp4", training))
+    assert result.returncode != 0
+    assert "spec.training.quantization_scheme: Invalid value" in result.stderr
     assert (
-        namespace.cluster.core.list_namespaced_config_map(
-            namespace.name, label_selector="app.kubernetes.io/managed-by=finetune-operator"
-        ).items
-        == []
-    )
-
-    # Fixing the spec recovers: validation passes and training starts.
-    namespace.apply(ftj_manifest("loftq-fp4", {**training, "peft_implementation": "QLORA"}))
+        "quantization_scheme nvfp4 cannot be used with peft_implementation loftq: LoftQ needs a "
+        "bitsandbytes scheme (bnb-4bit or bnb-8bit)"
+    ) in result.stderr
+    assert namespace.jobs() == []
+    # Fixing the spec: accepted, validated and training starts.
+    fixed = ftj_manifest("loftq-fp4", {**training, "peft_implementation": "QLORA"})
+    assert namespace.apply(fixed).returncode == 0
     wait_for(
         lambda: (namespace.condition("loftq-fp4", "Validated") or {}).get("status") == "True",
         what="Validated=True",
@@ -220,12 +207,20 @@ def test_invalid_input_is_not_retried(namespace: Namespace, kubelet: FakeKubelet
     wait_for(lambda: phase(namespace, "nodata") == "Failed", timeout=60, what="Failed")
     failed = namespace.condition("nodata", "Failed")
     assert failed is not None and (failed["reason"], failed["message"]) == ("InvalidInput", line)
-    job = wait_for(
-        lambda: [j for j in namespace.jobs() if j.spec.parallelism == 0], what="retries stopped"
-    )[0]
+    # The Job's own pod failure policy fails it at once: no retry is even started.
+    job = wait_for(lambda: job_failed(namespace, "PodFailurePolicy"), what="Job failed by policy")
     time.sleep(3)
     assert len(namespace.pods("nodata")) == 1, "no second attempt"
-    assert job.metadata.name == "nodata-train"
+    assert job.metadata.name == "nodata-train" and job.spec.suspend is False
+
+
+def job_failed(ns: Namespace, reason: str) -> Any:
+    """The FineTuneJob's Job, once the Job controller has failed it for `reason`."""
+    for job in ns.jobs():
+        for condition in job.status.conditions or []:
+            if (condition.type, condition.status, condition.reason) == ("Failed", "True", reason):
+                return job
+    return None
 
 
 def test_plain_text_termination_message_reaches_the_condition(
@@ -251,6 +246,8 @@ def test_suspend_and_resume(namespace: Namespace) -> None:
     assert (namespace.condition("later", "Suspended") or {})["status"] == "True"
     time.sleep(2)
     assert namespace.pods("later") == []
+    (job,) = namespace.jobs()  # the Job exists, held by its own native suspend
+    assert job.spec.suspend is True and job.spec.parallelism == 1
     assert (
         namespace.apply(ftj_manifest("later", scheme_training("fp8"), suspend=False)).returncode
         == 0
@@ -266,6 +263,8 @@ def test_suspend_and_resume(namespace: Namespace) -> None:
     )
     wait_for(lambda: phase(namespace, "later") == "Suspended", what="Suspended again")
     wait_for(lambda: not namespace.pods("later"), timeout=60, what="pod stopped")
+    (job,) = namespace.jobs()
+    assert job.spec.suspend is True and not job.status.failed, "a suspended pod is no failure"
 
 
 def test_spec_change_after_start_is_reported_not_applied(namespace: Namespace) -> None:

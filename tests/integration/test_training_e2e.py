@@ -8,7 +8,6 @@ reports progress with its own per-job RBAC.
 
 from __future__ import annotations
 
-import base64
 import json
 import ssl
 import subprocess
@@ -28,6 +27,7 @@ from integration.harness import (
     Operator,
     make_namespace,
     remove_namespace,
+    service_account_token,
     wait_for,
 )
 from podrunner import LocalRuntime
@@ -167,21 +167,7 @@ def test_trainer_token_can_patch_only_its_own_status(e2e: E2E) -> None:
     }
     for name in ("mine", "other"):
         assert ns.apply(tiny_job(name, quiet)).returncode == 0
-    wait_for(
-        lambda: (
-            ns.cluster.core.list_namespaced_service_account(
-                ns.name, field_selector="metadata.name=mine-trainer"
-            ).items
-            and ns.cluster.core.read_namespaced_service_account("mine-trainer", ns.name).secrets
-        ),
-        what="trainer token",
-    )
-    secret = (
-        ns.cluster.core.read_namespaced_service_account("mine-trainer", ns.name).secrets[0].name
-    )
-    token = base64.b64decode(
-        ns.cluster.core.read_namespaced_secret(secret, ns.name).data["token"]
-    ).decode()
+    token = service_account_token(ns.cluster, ns.name, "mine-trainer")
 
     def can(*args: str) -> bool:
         result = subprocess.run(

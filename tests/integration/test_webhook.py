@@ -78,7 +78,7 @@ def test_webhook_refuses_cross_field_errors_and_admits_valid_jobs(
     result = ns.apply(bad)
     assert result.returncode != 0
     assert (
-        "spec.training: quantization_scheme nvfp4 cannot be used with peft_implementation loftq"
+        "spec.training.quantization_scheme: quantization_scheme nvfp4 cannot be used with peft_implementation loftq"
         in result.stderr
     )
     assert "denied the request" in result.stderr
