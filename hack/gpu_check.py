@@ -636,7 +636,7 @@ def table(rows: list[dict[str, Any]]) -> str:
                 str(peak if peak is not None else "-"),
                 str(row.get("allocated_after_load_mib", "-")),
                 str(est),
-                f"{peak / est:.2f}" if peak else "-",
+                f"{peak / est:.2f}" if peak and row["status"] == "ok" else "-",
                 note,
             )
         )
@@ -751,15 +751,31 @@ def run_all(
             )
         )
         summarize_run(row, settings, workdir / "runs" / row["scheme"])
-        if row.get("peak_reserved_mib"):
+        if row["status"] == "ok" and row.get("peak_reserved_mib"):
             ratio = row["peak_reserved_mib"] / row["estimate"]["used_mib"]
             row["peak_over_estimate"] = round(ratio, 3)
+
+
+def missing_packages() -> list[str]:
+    """The packages the check cannot do without (bitsandbytes and kernels: per scheme)."""
+    import importlib.util
+
+    needed = ("torch", "transformers", "peft", "accelerate", "tokenizers", "pydantic", "yaml")
+    return [name for name in needed if importlib.util.find_spec(name) is None]
 
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--worker"]:
         return worker(argv[1], argv[3:])
     args = parse_args(argv)
+    missing = missing_packages()
+    if missing:
+        print(
+            f"gpu-check: {sys.executable} lacks {', '.join(missing)}: run `make setup` (then "
+            "the script uses .venv) or set PYTHON to an interpreter with the trainer's packages",
+            file=sys.stderr,
+        )
+        return 2
     started = time.monotonic()
     settings, shape, schemes = resolve(args)
     workdir = Path(args.workdir)
