@@ -36,7 +36,8 @@ test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
 
 # The CRD, placement and lifecycle tests on the oldest supported Kubernetes.
-OLDEST_TESTS := tests/integration/test_lifecycle.py tests/integration/test_placement.py \
+OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_lifecycle.py \
+	tests/integration/test_placement.py \
 	tests/integration/test_cel_agreement.py tests/integration/test_job_api.py
 
 test-oldest: ## CRD, placement and lifecycle tests on the oldest supported Kubernetes

@@ -58,7 +58,8 @@ class PodView:
             if condition.type == "PodScheduled" and condition.status == "False":
                 unschedulable = condition.message or condition.reason or "unschedulable"
             if condition.type == "DisruptionTarget" and condition.status == "True":
-                disruption = condition.message or condition.reason or "disrupted"
+                disruption = ": ".join(x for x in (condition.reason, condition.message) if x)
+                disruption = disruption or "disrupted"
         started = finished = message = None
         exit_code = None
         for status in pod.status.container_statuses or []:
