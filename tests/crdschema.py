@@ -7,6 +7,8 @@ JSON Schema draft 4 document, and unknown fields are refused as `kubectl apply` 
 
 from __future__ import annotations
 
+import ast
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ def _to_draft4(node: dict[str, Any]) -> dict[str, Any]:
             continue
         else:
             out[key] = value
+    for validation in node.get("x-kubernetes-validations", []):
+        _cel_as_schema(validation["rule"], out)
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if node.get("nullable") and "type" not in out:
@@ -37,6 +41,20 @@ def _to_draft4(node: dict[str, Any]) -> dict[str, Any]:
     if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
         out["additionalProperties"] = False
     return out
+
+
+_CEL_BOUND = re.compile(r"^self (>=|>|<=|<) ([-0-9.e]+)$")
+
+
+def _cel_as_schema(rule: str, out: dict[str, Any]) -> None:
+    """The CRD generator's scalar CEL rules (`self in [...]`, `self >= 0.5`) as JSON Schema."""
+    if rule.startswith("self in ["):
+        out["enum"] = [*ast.literal_eval(rule.removeprefix("self in ")), None]
+    elif match := _CEL_BOUND.match(rule):
+        op, value = match.group(1), float(match.group(2))
+        out["minimum" if op.startswith(">") else "maximum"] = value
+        if len(op) == 1:
+            out["exclusiveMinimum" if op == ">" else "exclusiveMaximum"] = True
 
 
 def spec_validator() -> jsonschema.Draft4Validator:

@@ -45,6 +45,7 @@ _DROP = {"title", "deprecated", "$defs"}
 _NUMERIC_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 _INT_OR_STRING = "x-kubernetes-int-or-string"
 _PRESERVE = "x-kubernetes-preserve-unknown-fields"
+_VALIDATIONS = "x-kubernetes-validations"
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -118,7 +119,44 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         node["properties"] = {k: _structural(v, defs) for k, v in node["properties"].items()}
     if "items" in node:
         node["items"] = _structural(node["items"], defs)
-    return {k: v for k, v in node.items() if k not in _DROP}
+    return _as_cel(node)
+
+
+def _as_cel(node: dict[str, Any]) -> dict[str, Any]:
+    """Move two schema checks the API server gets wrong into CEL rules (issue 14):
+
+    * an enum on a nullable field refuses an explicit null under server-side apply ("Unsupported
+      value: null"), which every Safe Synthesizer dump has (`quantization_scheme: null`); CEL
+      rules are not run on null, so `self in [...]` refuses the same values and lets null through;
+    * a fractional minimum or maximum of a number is truncated when the value is written as an
+      integer (minimum 0.5 lets 0 through): compared in CEL, where the value is a double.
+    """
+    node = {k: v for k, v in node.items() if k not in _DROP}
+    rules: list[dict[str, str]] = []
+    if node.get("nullable") and "enum" in node and node.get("type") == "string":
+        values = [v for v in node.pop("enum") if v is not None]
+        node["maxLength"] = max(len(v) for v in values)  # also bounds the rule's cost
+        rules.append(
+            {"rule": f"self in {values!r}", "message": "must be one of " + ", ".join(values)}
+        )
+    if node.get("type") == "number":
+        for bound, exclusive, op, words in (
+            ("minimum", "exclusiveMinimum", ">", "greater than"),
+            ("maximum", "exclusiveMaximum", "<", "less than"),
+        ):
+            value = node.get(bound)
+            if isinstance(value, float) and not value.is_integer():
+                strict = bool(node.pop(exclusive, False))
+                del node[bound]
+                rules.append(
+                    {
+                        "rule": f"self {op}{'' if strict else '='} {value!r}",
+                        "message": f"should be {words}{'' if strict else ' or equal to'} {value!r}",
+                    }
+                )
+    if rules:
+        node[_VALIDATIONS] = [*node.get(_VALIDATIONS, []), *rules]
+    return node
 
 
 def _merge_any_of(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
@@ -145,6 +183,9 @@ def _merge_any_of(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             merged["pattern"] = f"^{words[0]}$" if len(words) == 1 else f"^({'|'.join(words)})$"
         elif "pattern" in string:
             merged["pattern"] = string["pattern"]
+        for key in ("minLength", "maxLength"):  # checked for strings only, as the pattern
+            if key in string:
+                merged[key] = string[key]
     if nullable:
         merged["nullable"] = True
     merged.update(node)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import posixpath
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,17 +30,47 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# Kubernetes resource.Quantity, as the built-in types' OpenAPI schema writes it.
+# Kubernetes resource.Quantity, as the built-in types' OpenAPI schema writes it, without the
+# minus sign: a request or limit cannot be negative.
 QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
+    r"^\+?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
     r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+MAX_QUANTITY = 64
+# A label key (qualified name): an optional DNS-subdomain prefix and '/', then a name of at most
+# 63 characters. The prefix's own limit (253) is a rule of its own (see label_key_ok).
+_NAME_PART = r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]"
+_PREFIX = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+LABEL_KEY = rf"^({_PREFIX}/)?{_NAME_PART}$"
+MAX_LABEL_KEY = 253 + 1 + 63
+LABEL_VALUE = rf"^({_NAME_PART})?$"
+MAX_LABEL_VALUE = 63
+# A Secret or ConfigMap key: not '.', '..' or anything starting with '..'.
+SECRET_KEY = r"^(\.[-_a-zA-Z0-9][-._a-zA-Z0-9]*|[-_a-zA-Z0-9][-._a-zA-Z0-9]*)$"
+# A container image reference: no whitespace (the kubelet would never pull it).
+IMAGE = r"^[^\s]+$"
+MAX_NODE_SELECTOR = 64
+MAX_TOLERATIONS = 32
 
 MAX_PATH = 4096  # PATH_MAX; also bounds the CEL rules' cost
 MAX_NAME = 256
 ResourceName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelValue = Annotated[str, Field(max_length=MAX_LABEL_VALUE, pattern=LABEL_VALUE)]
+
+
+def label_key_ok(key: str) -> bool:
+    """Whether Kubernetes accepts `key` as a label key (the Python twin of LABEL_KEY_CEL)."""
+    prefix, _, _name = key.rpartition("/")
+    return re.fullmatch(LABEL_KEY[1:-1], key) is not None and len(prefix) <= 253
+
+
+def label_key_cel(expr: str) -> str:
+    """CEL: `expr` (a string) is a valid label key."""
+    return f"{expr}.matches({LABEL_KEY!r}) && ({expr}.indexOf('/') <= 253)"
+
+
 Quantity = Annotated[
-    int | Annotated[str, Field(pattern=QUANTITY)],
+    Annotated[int, Field(ge=0)] | Annotated[str, Field(max_length=MAX_QUANTITY, pattern=QUANTITY)],
     Field(json_schema_extra={"x-kubernetes-int-or-string": True}),
 ]
 
@@ -94,8 +125,8 @@ class SecretKeyRef(KubeModel):
         Field(
             min_length=1,
             max_length=253,
-            pattern=r"^[-._a-zA-Z0-9]+$",
-            description="Key in the Secret holding the value.",
+            pattern=SECRET_KEY,
+            description="Key in the Secret holding the value (not '.', '..' or '..'-prefixed).",
         ),
     ] = "token"
 
@@ -109,8 +140,8 @@ class HubModel(KubeModel):
             min_length=1,
             max_length=MAX_PATH,
             description=(
-                "Hub model id, e.g. meta-llama/Llama-3.2-1B. Defaults to "
-                "spec.training.pretrained_model."
+                "Hub model id, e.g. meta-llama/Llama-3.2-1B. Optional: when set it must equal "
+                "spec.training.pretrained_model, which names the model."
             ),
         ),
     ] = None
@@ -119,6 +150,7 @@ class HubModel(KubeModel):
         Field(
             min_length=1,
             max_length=MAX_NAME,
+            pattern=r"^[^\s]+$",
             description="Branch, tag or commit to pin; the default branch if unset.",
         ),
     ] = None
@@ -295,38 +327,97 @@ class Resources(KubeModel):
 
 
 class Toleration(KubeModel):
-    """A Kubernetes toleration, as in a pod spec."""
+    """A Kubernetes toleration, as in a pod spec, with the pod API's rules."""
 
-    key: Annotated[str | None, Field(description="Taint key; empty with Exists matches all.")] = (
-        None
-    )
+    key: Annotated[
+        str | None,
+        Field(
+            max_length=MAX_LABEL_KEY,
+            pattern=rf"^({LABEL_KEY[1:-1]})?$",
+            description="Taint key (a label key); empty with Exists matches all.",
+        ),
+    ] = None
     operator: Annotated[
         Literal["Exists", "Equal"] | None, Field(description="Exists or Equal (default Equal).")
     ] = None
-    value: Annotated[str | None, Field(description="Taint value for Equal.")] = None
+    value: Annotated[
+        LabelValue | None, Field(description="Taint value for Equal (a label value).")
+    ] = None
     effect: Annotated[
         Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None,
         Field(description="Taint effect to match; all effects when unset."),
     ] = None
     toleration_seconds: Annotated[
-        int | None, Field(description="For NoExecute: how long the pod stays after the taint.")
+        int | None,
+        Field(
+            ge=0,
+            le=2**31 - 1,
+            description="For NoExecute only: how long the pod stays after the taint.",
+        ),
     ] = None
+
+    @cel_rule(
+        "!has(self.key) || self.key == '' || self.key.indexOf('/') <= 253",
+        "the key's prefix (before '/') must be at most 253 characters",
+        field_path=".key",
+    )
+    def _key_prefix(self) -> bool:
+        return not self.key or label_key_ok(self.key)
+
+    @cel_rule(
+        "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+        "operator must be Exists when key is empty (which tolerates every taint)",
+        field_path=".operator",
+    )
+    def _empty_key_exists(self) -> bool:
+        return bool(self.key) or self.operator == "Exists"
+
+    @cel_rule(
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+        "value must be empty when operator is Exists",
+        field_path=".value",
+    )
+    def _exists_without_value(self) -> bool:
+        return self.operator != "Exists" or not self.value
+
+    @cel_rule(
+        "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+        "tolerationSeconds needs effect NoExecute",
+        field_path=".tolerationSeconds",
+    )
+    def _seconds_with_no_execute(self) -> bool:
+        return self.toleration_seconds is None or self.effect == "NoExecute"
 
 
 class Placement(KubeModel):
     """Extra scheduling constraints, merged with the GPU requirement the operator derives."""
 
     node_selector: Annotated[
-        dict[str, str],
-        Field(description="Labels the node must carry, in addition to the GPU requirement."),
+        dict[str, LabelValue],
+        Field(
+            max_length=MAX_NODE_SELECTOR,
+            description="Labels the node must carry, in addition to the GPU requirement.",
+        ),
     ] = Field(default_factory=dict)
     tolerations: Annotated[
         list[Toleration],
-        Field(description="Tolerations added to the nvidia.com/gpu toleration the pod always has."),
+        Field(
+            max_length=MAX_TOLERATIONS,
+            description="Tolerations added to the nvidia.com/gpu toleration the pod always has.",
+        ),
     ] = Field(default_factory=list)
     priority_class_name: Annotated[
         ResourceName | None, Field(description="PriorityClass of the training pod.")
     ] = None
+
+    @cel_rule(
+        f"!has(self.nodeSelector) || self.nodeSelector.all(k, {label_key_cel('k')})",
+        "every nodeSelector key must be a label key: an optional DNS-subdomain prefix and '/', "
+        "then at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric",
+        field_path=".nodeSelector",
+    )
+    def _node_selector_keys(self) -> bool:
+        return all(label_key_ok(key) for key in self.node_selector)
 
 
 class FineTuneJobSpec(KubeModel):
@@ -352,7 +443,8 @@ class FineTuneJobSpec(KubeModel):
         Field(
             min_length=1,
             max_length=MAX_PATH,
-            description="Trainer image; the operator's default when unset.",
+            pattern=IMAGE,
+            description="Trainer image (no whitespace); the operator's default when unset.",
         ),
     ] = None
     suspend: Annotated[
@@ -369,7 +461,11 @@ class FineTuneJobSpec(KubeModel):
     ] = 2
     active_deadline_seconds: Annotated[
         int | None,
-        Field(ge=1, description="Wall-clock limit for the whole job; it fails when exceeded."),
+        Field(
+            ge=1,
+            le=2**31 - 1,
+            description="Wall-clock limit for the whole job; it fails when exceeded.",
+        ),
     ] = None
 
     # Combinations the trainer cannot run, refused before anything is scheduled.
@@ -404,22 +500,25 @@ class FineTuneJobSpec(KubeModel):
     def _trains_something(self) -> bool:
         return self.training.num_input_records_to_sample != 0
 
+    # One rule for the model's name: training.pretrained_model names it (Safe Synthesizer's
+    # field, with its default); model.hub.id is optional and, when set, must say the same. (The
+    # CRD applies pretrained_model's default, so "only one is set" cannot be told apart from
+    # "both are set"; agreement can.)
     @cel_rule(
-        "!has(self.model.hub) || !has(self.model.hub.id) || self.training.pretrained_model in"
-        f" [{DEFAULT_MODEL!r}, self.model.hub.id]",
+        "!has(self.model.hub) || !has(self.model.hub.id)"
+        " || self.training.pretrained_model == self.model.hub.id",
         "model.hub.id {model.hub.id} and training.pretrained_model {training.pretrained_model} "
-        "name different models: set only one",
+        "name different models: training.pretrained_model names the model; leave model.hub.id "
+        "out or set it to the same name",
         field_path=".model.hub.id",
     )
     def _one_model_name(self) -> bool:
         hub_id = self.model.hub.id if self.model.hub else None
-        return hub_id is None or self.training.pretrained_model in (DEFAULT_MODEL, hub_id)
+        return hub_id is None or self.training.pretrained_model == hub_id
 
     @property
     def model_name(self) -> str:
-        """The model's name: model.hub.id when set, else training.pretrained_model."""
-        if self.model.hub is not None and self.model.hub.id is not None:
-            return self.model.hub.id
+        """The model's name: training.pretrained_model (model.hub.id, when set, is the same)."""
         return self.training.pretrained_model
 
 

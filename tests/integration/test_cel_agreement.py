@@ -70,7 +70,23 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("training", "max_vram_fraction"): numbers,
     ("training", "attn_implementation"): st.sampled_from(["sdpa", "eager", ""]),
     ("training", "unknown_field"): scalars,
-    ("model", "hub"): st.sampled_from([{}, {"id": "a/b"}, {"id": "c/d"}, {"id": ""}]),
+    ("model", "hub"): st.sampled_from(
+        [
+            {},
+            {"id": "a/b"},
+            {"id": "c/d"},
+            {"id": ""},
+            {"revision": "main"},
+            {"revision": "a b"},
+            {"tokenSecretRef": {"name": "hf"}},
+            {"tokenSecretRef": {"name": "hf", "key": "HF_TOKEN.v2"}},
+            {"tokenSecretRef": {"name": "hf", "key": ".x"}},
+            {"tokenSecretRef": {"name": "hf", "key": "."}},
+            {"tokenSecretRef": {"name": "hf", "key": "..x"}},
+            {"tokenSecretRef": {"name": "hf", "key": "a/b"}},
+            {"tokenSecretRef": {"name": "Bad_Name"}},
+        ]
+    ),
     ("model", "volume"): st.sampled_from([{"claimName": "m", "path": "llm"}, {"path": "x"}]),
     ("model", "parametersBillions"): numbers,
     ("model", "trustRemoteCode"): st.booleans(),
@@ -100,13 +116,48 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("dataset", "claimName"): st.sampled_from(["data", "Data", "a_b", "", "a.b"]),
     ("output", "path"): st.sampled_from(["out", "a/b", "..", "a/..", "/x", "a/.../b"]),
     ("resources", "gpus"): ints,
-    ("resources", "cpu"): st.sampled_from([1, "2", "500m", "1.5", "x", "1Gi"]),
-    ("resources", "memory"): st.sampled_from(["64Gi", "1e3", "1G", "Gi", 64]),
-    ("placement", "priorityClassName"): st.sampled_from(["high", "", "Bad_Name"]),
+    ("resources", "cpu"): st.sampled_from([1, "2", "500m", "1.5", "x", "1Gi", "-2", -2, 0, "+1"]),
+    ("resources", "memory"): st.sampled_from(["64Gi", "1e3", "1G", "Gi", 64, "-48Gi", "9" * 65]),
+    ("placement", "priorityClassName"): st.sampled_from(["high", "", "Bad_Name", "a" * 254]),
+    ("placement", "nodeSelector"): st.sampled_from(
+        [
+            {},
+            {"zone": "a"},
+            {"topology.kubernetes.io/zone": "us-east-1a"},
+            {"example.com/pool": ""},
+            {"bad key": "x"},
+            {"-a": "x"},
+            {"a" * 63: "x"},
+            {"a" * 64: "x"},
+            {"p" * 253 + "/n": "x"},
+            {"p" * 254 + "/n": "x"},
+            {"zone": "a b"},
+            {"zone": "v" * 63},
+            {"zone": "v" * 64},
+            {"zone": 1},
+            {f"k{i}": "v" for i in range(64)},
+            {f"k{i}": "v" for i in range(65)},
+        ]
+    ),
+    ("placement", "tolerations"): st.lists(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "key": st.sampled_from(["", "k", "example.com/ml", "bad key", "a" * 64]),
+                "operator": st.sampled_from(["Exists", "Equal", "", "Lt"]),
+                "value": st.sampled_from(["", "v", "bad value", "v" * 64]),
+                "effect": st.sampled_from(["NoSchedule", "PreferNoSchedule", "NoExecute", "x"]),
+                "tolerationSeconds": st.sampled_from([-1, 0, 60, 2**31]),
+            },
+        ),
+        max_size=2,
+    ),
     ("suspend",): st.booleans(),
     ("backoffLimit",): ints,
     ("activeDeadlineSeconds",): ints,
-    ("image",): st.sampled_from(["trainer:1", ""]),
+    ("image",): st.sampled_from(
+        ["trainer:1", "", " trainer:1 ", "a b", "r.io/t@sha256:" + "a" * 64]
+    ),
     ("unknownSpecField",): scalars,
 }
 

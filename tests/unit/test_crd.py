@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +86,14 @@ def test_auto_fields_have_structural_forms() -> None:
     ) == (0, 1, True, True)
 
 
+def enum_of(node: dict[str, Any]) -> list[str]:
+    """The values of an enum, or of a nullable enum's CEL rule `self in [...]`."""
+    if "enum" in node:
+        return list(node["enum"])
+    (rule,) = [v["rule"] for v in node["x-kubernetes-validations"]]
+    return list(ast.literal_eval(rule.removeprefix("self in ")))
+
+
 def test_bounds_and_defaults_come_from_the_model() -> None:
     training = training_schema()
     assert training["lora_r"] == {
@@ -93,16 +102,21 @@ def test_bounds_and_defaults_come_from_the_model() -> None:
         "exclusiveMinimum": True,
         "default": 32,
     }
-    assert (training["lora_alpha_over_r"]["minimum"], training["lora_alpha_over_r"]["maximum"]) == (
-        0.5,
-        3,
-    )
-    assert training["quantization_scheme"]["enum"] == [
-        "bnb-4bit",
-        "bnb-8bit",
-        "fp8",
-        "nvfp4",
-        "mxfp4",
+    # A fractional minimum is a CEL rule: the API server truncates it for integer values, so a
+    # schema minimum of 0.5 would let 0 through (issue 14).
+    alpha = training["lora_alpha_over_r"]
+    assert "minimum" not in alpha and alpha["maximum"] == 3
+    assert alpha["x-kubernetes-validations"] == [
+        {"rule": "self >= 0.5", "message": "should be greater than or equal to 0.5"}
+    ]
+    # A nullable enum is a CEL rule: an enum refuses an explicit null under server-side apply.
+    scheme = training["quantization_scheme"]
+    assert "enum" not in scheme and scheme["nullable"] is True
+    assert scheme["x-kubernetes-validations"] == [
+        {
+            "rule": "self in ['bnb-4bit', 'bnb-8bit', 'fp8', 'nvfp4', 'mxfp4']",
+            "message": "must be one of bnb-4bit, bnb-8bit, fp8, nvfp4, mxfp4",
+        }
     ]
     assert training["quantization_bits"]["enum"] == [4, 8]
     assert training["lora_target_modules"]["default"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -123,7 +137,7 @@ def test_names_printer_columns_and_status() -> None:
         assert name in columns
     status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
     assert status["x-kubernetes-preserve-unknown-fields"] is True
-    assert set(status["properties"]["phase"]["enum"]) == {
+    assert set(enum_of(status["properties"]["phase"])) == {
         "Pending",
         "Running",
         "Succeeded",

@@ -104,6 +104,7 @@ def test_hub_id_in_spec_model_selects_the_table_entry() -> None:
             "dataset": {"claimName": "d", "path": "t.jsonl"},
             "output": {"claimName": "o", "path": "a"},
             "model": {"hub": {"id": "Qwen/Qwen2.5-7B"}},
+            "training": {"pretrained_model": "Qwen/Qwen2.5-7B"},
         }
     )
     assert model_shape(s) == KNOWN_MODELS["Qwen/Qwen2.5-7B"]

@@ -215,11 +215,15 @@ def test_prompt_completion_dataset() -> None:
     assert spec.dataset.uri == "pvc://d/x/y.parquet"
 
 
-def test_hub_id_overrides_default_pretrained_model() -> None:
-    spec = FineTuneJobSpec.model_validate(
-        with_(model={"hub": {"id": "meta-llama/Llama-3.2-1B", "revision": "v1"}})
+def test_hub_id_must_repeat_pretrained_model() -> None:
+    """One rule for the model's name: training.pretrained_model names it; model.hub.id may only
+    repeat it. The default pretrained_model no longer gives way silently to a different hub.id."""
+    error = spec_error(with_(model={"hub": {"id": "meta-llama/Llama-3.2-1B", "revision": "v1"}}))
+    assert error == (
+        "spec.model.hub.id: model.hub.id meta-llama/Llama-3.2-1B and training.pretrained_model "
+        "HuggingFaceTB/SmolLM3-3B name different models: training.pretrained_model names the "
+        "model; leave model.hub.id out or set it to the same name"
     )
-    assert spec.model_name == "meta-llama/Llama-3.2-1B"
     same = FineTuneJobSpec.model_validate(
         with_(model={"hub": {"id": "a/b"}}, training={"pretrained_model": "a/b"})
     )
