@@ -538,6 +538,7 @@ class ConditionType(enum.StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     SPEC_CHANGED = "SpecChanged"
+    CHILDREN = "ChildrenReady"
 
 
 class StatusModel(BaseModel):
@@ -552,7 +553,10 @@ class Condition(StatusModel):
     type: Annotated[
         str,
         Field(
-            description="Validated, Scheduled, Running, Complete, Failed, Suspended or SpecChanged."
+            description=(
+                "Validated, Scheduled, Running, Complete, Failed, Suspended, SpecChanged or "
+                "ChildrenReady."
+            )
         ),
     ]
     status: Annotated[

@@ -21,6 +21,14 @@ from finetune_operator.settings import Settings
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILD_LABELS: dict[str, Any] = {LABEL_UID: kopf.PRESENT}
+RETRY_SECONDS = 60  # a child refused for a reason that may pass (quota, RBAC, a webhook down)
+TICK_SECONDS = 30  # how often a job that has not started is looked at (FailedCreate, lost Job)
+
+
+def not_started(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") in (None, "Pending")
+
+
 _state: dict[str, Any] = {}
 
 
@@ -76,12 +84,29 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.create(*FTJ)
 @kopf.on.update(*FTJ, field="spec")
 def reconcile(body: kopf.Body, **_: Any) -> None:
-    _reconciler().reconcile(body)
+    failure = _reconciler().reconcile(body)
+    if failure is not None:  # already in the status and an Event; kopf retries only if it can help
+        if failure.permanent:
+            raise kopf.PermanentError(failure.describe())
+        raise kopf.TemporaryError(failure.describe(), delay=RETRY_SECONDS)
+
+
+@kopf.timer(*FTJ, interval=TICK_SECONDS, initial_delay=TICK_SECONDS, when=not_started)
+def tick(body: kopf.Body, **_: Any) -> None:
+    _reconciler().tick(body)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
-def child_changed(body: kopf.Body, **_: Any) -> None:
+@kopf.on.event("", "v1", "configmaps", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
+def child_changed(body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **_: Any) -> None:
     owner = (body.metadata.annotations or {}).get(LABEL_NAME)
-    if owner and body.metadata.namespace:
-        _reconciler().refresh(body.metadata.namespace, owner)
+    if not owner or not body.metadata.namespace:
+        return
+    # Children are level-triggered: a deleted one is made again (unless the job has finished).
+    heal = event.get("type") == "DELETED" and resource.plural != "pods"
+    if heal or resource.plural in ("jobs", "pods"):
+        _reconciler().refresh(body.metadata.namespace, owner, heal=heal)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from kubernetes import client, config
@@ -23,6 +24,17 @@ def load_config() -> None:
         config.load_kube_config()
 
 
+def api_message(exc: ApiException) -> str:
+    """The API server's own message for a failed request (its Status), on one line."""
+    message = ""
+    try:
+        body = json.loads(exc.body or "")
+        message = body.get("message", "") if isinstance(body, dict) else ""
+    except ValueError:
+        pass
+    return " ".join((message or exc.reason or f"HTTP {exc.status}").split())
+
+
 class Kube:
     """Thin, typed-enough wrappers; every method is one API call (or two for create-or-get)."""
 
@@ -33,9 +45,7 @@ class Kube:
         self.rbac = client.RbacAuthorizationV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
 
-    def create_if_missing(self, obj: Any) -> bool:
-        """Create a namespaced object; False when it already exists (never a second copy)."""
-        namespace = obj.metadata.namespace
+    def _creator(self, obj: Any) -> Any:
         creators = {
             "V1ConfigMap": self.core.create_namespaced_config_map,
             "V1ServiceAccount": self.core.create_namespaced_service_account,
@@ -43,13 +53,48 @@ class Kube:
             "V1RoleBinding": self.rbac.create_namespaced_role_binding,
             "V1Job": self.batch.create_namespaced_job,
         }
+        return creators[type(obj).__name__]
+
+    def create_if_missing(self, obj: Any, *, dry_run: bool = False) -> bool:
+        """Create a namespaced object (or only check that the API server would, with `dry_run`);
+        False when it already exists (never a second copy). Other refusals raise ApiException."""
+        kwargs = {"dry_run": "All"} if dry_run else {}
         try:
-            creators[type(obj).__name__](namespace, obj)
+            self._creator(obj)(obj.metadata.namespace, obj, **kwargs)
         except ApiException as exc:
             if exc.status == 409:
                 return False
             raise
         return True
+
+    def delete(self, obj: Any) -> None:
+        """Delete a child created moments ago (rollback), its dependents in the background."""
+        deleters = {
+            "V1ConfigMap": self.core.delete_namespaced_config_map,
+            "V1ServiceAccount": self.core.delete_namespaced_service_account,
+            "V1Role": self.rbac.delete_namespaced_role,
+            "V1RoleBinding": self.rbac.delete_namespaced_role_binding,
+            "V1Job": self.batch.delete_namespaced_job,
+        }
+        try:
+            deleters[type(obj).__name__](
+                obj.metadata.name, obj.metadata.namespace, propagation_policy="Background"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def job_events(self, namespace: str, job: str) -> list[tuple[str, str, str]]:
+        """Warning Events about a Job (e.g. FailedCreate), oldest first: (time, reason, message)."""
+        events = self.core.list_namespaced_event(
+            namespace,
+            field_selector=f"involvedObject.kind=Job,involvedObject.name={job},type=Warning",
+        )
+        found = []
+        for event in events.items:
+            when = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
+            found.append((str(when or ""), event.reason or "", event.message or ""))
+        return sorted(found)
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

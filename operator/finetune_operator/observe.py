@@ -49,6 +49,8 @@ class PodView:
     exit_code: int | None
     termination_message: str | None
     disruption: str | None = None  # why the pod was disrupted (evicted, preempted, drained)
+    waiting_reason: str | None = None  # a container waiting to start: ImagePullBackOff, ...
+    waiting_message: str | None = None
 
     @classmethod
     def from_api(cls, pod: Any) -> PodView:
@@ -60,8 +62,17 @@ class PodView:
             if condition.type == "DisruptionTarget" and condition.status == "True":
                 disruption = ": ".join(x for x in (condition.reason, condition.message) if x)
                 disruption = disruption or "disrupted"
-        started = finished = message = None
+        started = finished = message = waiting_reason = waiting_message = None
         exit_code = None
+        statuses = [
+            *(pod.status.init_container_statuses or []),
+            *(pod.status.container_statuses or []),
+        ]
+        for status in statuses:
+            waiting = status.state.waiting if status.state else None
+            if waiting is not None and waiting.reason and waiting_reason is None:
+                waiting_reason = waiting.reason
+                waiting_message = " ".join((waiting.message or "").split()) or None
         for status in pod.status.container_statuses or []:
             if status.state and status.state.running:
                 started = _time(status.state.running.started_at)
@@ -82,6 +93,8 @@ class PodView:
             exit_code=exit_code,
             termination_message=message,
             disruption=disruption,
+            waiting_reason=waiting_reason,
+            waiting_message=waiting_message,
         )
 
     @property

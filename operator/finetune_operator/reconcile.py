@@ -14,17 +14,19 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_api.errors import format_validation_error
 from finetune_api.resource import FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator import builders
 from finetune_operator.builders import JobIdentity
-from finetune_operator.kube import Kube
+from finetune_operator.children import ChildFailure, child_kind
+from finetune_operator.kube import Kube, api_message
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import GpuRequirement, diagnose_unschedulable, gpu_requirement
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observation, Transition, derive
+from finetune_operator.status import Observation, Transition, derive, finished
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,10 @@ class Reconciler:
         with self._locks_guard:
             return self._locks[uid]
 
-    def reconcile(self, body: Mapping[str, Any]) -> None:
-        """FineTuneJob created, changed or seen at start-up: ensure children, refresh status."""
+    def reconcile(self, body: Mapping[str, Any]) -> ChildFailure | None:
+        """FineTuneJob created, changed or seen at start-up, or a child of it deleted: ensure the
+        children (unless the job has finished: Succeeded and Failed are final), refresh status.
+        Returns the refusal of a child, already reported in the status and an Event."""
         job = identity(body)
         with self._lock(job.uid):
             spec, invalid = parse_spec(body)
@@ -76,15 +80,26 @@ class Reconciler:
                 self._write_status(
                     body, Observation(generation=job.generation, now=now(), invalid=invalid)
                 )
-                return
+                return None
             requirement = gpu_requirement(spec, self.settings)
-            self._ensure_children(job, spec, requirement)
-            self._refresh(body, spec, requirement)
+            previous = FineTuneJobStatus.model_validate(body.get("status") or {})
+            failure = None
+            deleting = body["metadata"].get("deletionTimestamp") is not None
+            if not finished(previous) and not deleting:
+                failure = self._ensure_children(job, spec, requirement)
+            self._refresh(body, spec, requirement, failure)
+            return failure
 
-    def refresh(self, namespace: str, name: str) -> None:
-        """A child changed: recompute the owner's status."""
+    def refresh(self, namespace: str, name: str, *, heal: bool = False) -> None:
+        """A child changed: recompute the owner's status; `heal` (a child was deleted, or the
+        periodic check) also re-creates missing children, as reconcile does."""
         body = self.kube.get_finetunejob(namespace, name)
         if body is None:
+            return
+        if heal:
+            failure = self.reconcile(body)
+            if failure is not None:
+                log.warning("%s/%s: %s", namespace, name, failure.describe())
             return
         job = identity(body)
         with self._lock(job.uid):
@@ -92,9 +107,16 @@ class Reconciler:
             if spec is not None:
                 self._refresh(body, spec, gpu_requirement(spec, self.settings))
 
-    def _ensure_children(
+    def tick(self, body: Mapping[str, Any]) -> None:
+        """Periodic check of a job that has not started: heal a missing Job, refresh the status
+        (the Job controller's FailedCreate Events change no object the operator watches)."""
+        meta = body["metadata"]
+        missing = self.kube.get_job(meta["namespace"], builders.job_name(meta["name"])) is None
+        self.refresh(meta["namespace"], meta["name"], heal=missing)
+
+    def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
-    ) -> None:
+    ) -> list[Any]:
         children: list[Any] = []
         if self.settings.status_reporting:
             children += [
@@ -104,22 +126,66 @@ class Reconciler:
             ]
         children.append(builders.build_config_map(job, spec, requirement))
         children.append(builders.build_job(job, spec, requirement, self.settings))
+        return children
+
+    def _ensure_children(
+        self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
+    ) -> ChildFailure | None:
+        """Create the missing children, all or none: the ConfigMap and the Job (what the spec
+        shapes) are first checked by a server-side dry run, and what this pass created is deleted
+        again if a later child is refused."""
+        children = self._children(job, spec, requirement)
+        checked = {id(c) for c in children if child_kind(c) in ("ConfigMap", "Job")}
+        missing = set()
         for child in children:
-            if self.kube.create_if_missing(child):
-                log.info(
-                    "created %s %s/%s",
-                    child.kind or type(child).__name__,
-                    job.namespace,
-                    child.metadata.name,
-                )
+            if id(child) in checked:
+                failure = self._create(child, dry_run=True)
+                if isinstance(failure, ChildFailure):
+                    return failure
+                if failure:
+                    missing.add(id(child))
+        created: list[Any] = []
+        for child in children:
+            if id(child) in checked and id(child) not in missing:
+                continue
+            outcome = self._create(child)
+            if isinstance(outcome, ChildFailure):
+                for done in reversed(created):
+                    self.kube.delete(done)
+                return outcome
+            if outcome:
+                created.append(child)
+                log.info("created %s %s/%s", child_kind(child), job.namespace, child.metadata.name)
+        return None
+
+    def _create(self, child: Any, *, dry_run: bool = False) -> bool | ChildFailure:
+        """True when created (or creatable), False when it exists, else the refusal."""
+        try:
+            return self.kube.create_if_missing(child, dry_run=dry_run)
+        except ApiException as exc:
+            if exc.status is None or exc.status >= 500 or exc.status == 429:
+                raise  # the API server is busy or down: kopf retries with back-off
+            return ChildFailure(
+                kind=child_kind(child),
+                name=child.metadata.name,
+                status=exc.status,
+                message=api_message(exc),
+            )
 
     def _refresh(
-        self, body: Mapping[str, Any], spec: FineTuneJobSpec, requirement: GpuRequirement
+        self,
+        body: Mapping[str, Any],
+        spec: FineTuneJobSpec,
+        requirement: GpuRequirement,
+        failure: ChildFailure | None = None,
     ) -> None:
         job = identity(body)
         api_job = self.kube.get_job(job.namespace, builders.job_name(job.name))
         job_view = JobView.from_api(api_job) if api_job is not None else None
         pods = tuple(PodView.from_api(p) for p in self.kube.list_pods(job.namespace, job.uid))
+        job_events: tuple[tuple[str, str, str], ...] = ()
+        if job_view is not None and not pods:
+            job_events = tuple(self.kube.job_events(job.namespace, job_view.name))
         newest = max(pods, key=lambda p: (p.created, p.name), default=None)
         node = diagnosis = None
         if newest is not None and newest.node is not None:
@@ -140,6 +206,9 @@ class Reconciler:
             suspend=spec.suspend,
             spec_changed=job_view is not None and job_view.spec_hash != builders.spec_hash(spec),
             adapter_uri=spec.output.uri,
+            child_failure=failure,
+            expected_job=builders.job_name(job.name),
+            job_events=job_events,
         )
         self._write_status(body, obs)
 

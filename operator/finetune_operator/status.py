@@ -18,6 +18,7 @@ from finetune_api.resource import (
     PlacementStatus,
     Result,
 )
+from finetune_operator.children import ChildFailure
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
 
@@ -39,6 +40,9 @@ class Observation:
     suspend: bool = False
     spec_changed: bool = False
     adapter_uri: str | None = None
+    child_failure: ChildFailure | None = None  # the API server refused to create a child
+    expected_job: str | None = None  # the training Job's name
+    job_events: tuple[tuple[str, str, str], ...] = ()  # Warning Events on the Job, oldest first
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,27 @@ class _Builder:
         """Set to False, unless the condition never existed (then leave it absent)."""
         if type_.value in self.conditions:
             self.set(type_, "False", reason, message)
+
+
+FINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED)
+# Container waiting reasons that mean the training pod will not start by itself.
+STUCK_REASONS = frozenset(
+    {
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "ErrImageNeverPull",
+        "RunContainerError",
+    }
+)
+
+
+def finished(status: FineTuneJobStatus) -> bool:
+    """Whether the job ran to an end (Succeeded, or Failed after its Job existed): final, never
+    run again. A spec refused before any Job existed is not finished: fixing it starts one."""
+    return status.phase in FINAL_PHASES and status.job_name is not None
 
 
 def _newest(pods: tuple[PodView, ...]) -> PodView | None:
@@ -154,14 +179,13 @@ def derive(
     if phase != previous.phase:
         kind: Literal["Normal", "Warning"] = "Warning" if phase is Phase.FAILED else "Normal"
         transitions.append(Transition(kind, reason, message))
-    old_scheduled = previous.condition(ConditionType.SCHEDULED.value)
-    new_scheduled = b.conditions.get(ConditionType.SCHEDULED.value)
-    if (
-        new_scheduled is not None
-        and new_scheduled.status == "False"
-        and (old_scheduled is None or old_scheduled.reason != new_scheduled.reason)
-    ):
-        transitions.append(Transition("Warning", new_scheduled.reason, new_scheduled.message))
+    for type_ in (ConditionType.SCHEDULED, ConditionType.CHILDREN, ConditionType.RUNNING):
+        old = previous.condition(type_.value)
+        new = b.conditions.get(type_.value)
+        if new is None or new.status != "False" or (old is not None and old.reason == new.reason):
+            continue
+        if type_ is not ConditionType.RUNNING or new.reason in STUCK_REASONS:
+            transitions.append(Transition("Warning", new.reason, new.message))
     return status, transitions
 
 
@@ -179,10 +203,14 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
         b.set(ConditionType.FAILED, "True", "InvalidSpec", obs.invalid)
         return Phase.FAILED, "InvalidSpec", obs.invalid
     b.set(ConditionType.VALIDATED, "True", "Valid", "the spec is valid")
+    missing = _children(b, obs)
+    if missing is not None:
+        return missing
     job = obs.job
     pod = _newest(obs.pods)
     if job is None:
         b.set(ConditionType.SCHEDULED, "Unknown", "JobPending", "creating the training Job")
+        b.clear(ConditionType.RUNNING, "JobPending", "the training Job is being created")
         return Phase.PENDING, "Created", "training Job is being created"
 
     finished = _finished(b, obs, status, job, pod)
@@ -199,6 +227,33 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
         return Phase.SUSPENDED, "Suspended", "suspended by spec.suspend"
     b.clear(ConditionType.SUSPENDED, "Resumed", "spec.suspend is false")
     return _active(b, obs, status, pod)
+
+
+def _children(b: _Builder, obs: Observation) -> tuple[Phase, str, str] | None:
+    """ChildrenReady: a child the API server refused, or a finished job's Job deleted."""
+    failure = obs.child_failure
+    if failure is not None:
+        b.set(ConditionType.CHILDREN, "False", failure.reason, failure.describe())
+        b.clear(ConditionType.RUNNING, failure.reason, failure.describe())
+        if failure.permanent:
+            b.set(ConditionType.FAILED, "True", failure.reason, failure.describe())
+            return Phase.FAILED, failure.reason, failure.describe()
+        return Phase.PENDING, failure.reason, failure.describe()
+    if obs.job is None and finished(b.previous) and b.previous.phase is not None:
+        b.set(
+            ConditionType.CHILDREN,
+            "False",
+            "JobDeletedAfterFinish",
+            f"training Job {b.previous.job_name} was deleted after the job finished; a finished "
+            "job is never run again (delete and re-create the FineTuneJob to train again)",
+        )
+        return b.previous.phase, "JobDeletedAfterFinish", b.previous.message or ""
+    refused = b.conditions.get(ConditionType.FAILED.value)
+    if refused is not None and refused.reason in ("InvalidSpec", "ChildRejected"):
+        b.clear(ConditionType.FAILED, "SpecFixed", "the spec was fixed")
+    if ConditionType.CHILDREN.value in b.conditions:
+        b.set(ConditionType.CHILDREN, "True", "Created", "every child of the job exists")
+    return None
 
 
 def _finished(
@@ -245,6 +300,11 @@ def _active(
     b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView | None
 ) -> tuple[Phase, str, str]:
     if pod is None:
+        failed_create = [m for _, reason, m in obs.job_events if reason == "FailedCreate"]
+        if failed_create:
+            message = f"the Job controller cannot create the training pod: {failed_create[-1]}"
+            b.set(ConditionType.SCHEDULED, "False", "FailedCreate", message)
+            return Phase.PENDING, "FailedCreate", message
         b.set(ConditionType.SCHEDULED, "Unknown", "PodPending", "waiting for the training pod")
         return Phase.PENDING, "Pending", "waiting for the training pod"
     if pod.node is None:
@@ -279,4 +339,9 @@ def _on_node(
         message = f"attempt failed, retrying: {pod.failure_message}"
         b.set(ConditionType.RUNNING, "False", "Retrying", message)
         return Phase.PENDING, "Retrying", message
+    if pod.waiting_reason in STUCK_REASONS:
+        detail = f": {pod.waiting_message}" if pod.waiting_message else ""
+        message = f"training pod cannot start on {where}: {pod.waiting_reason}{detail}"
+        b.set(ConditionType.RUNNING, "False", pod.waiting_reason or "", message)
+        return Phase.PENDING, pod.waiting_reason or "", message
     return Phase.PENDING, "Starting", f"starting on {where}"

@@ -1,0 +1,297 @@
+"""Children that fail to be created, go missing, or never start a pod (issue 14): the status says
+so, with the API server's or the kubelet's own message, and a finished job is never run again."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from finetune_api import ComputeCapability
+from finetune_api.resource import FineTuneJobStatus
+from finetune_operator.children import ChildFailure
+from finetune_operator.observe import JobView, PodView
+from finetune_operator.placement import GpuRequirement
+from finetune_operator.reconcile import Reconciler
+from finetune_operator.settings import Settings
+from finetune_operator.status import Observation, derive, finished
+
+REQ = GpuRequirement("bnb-4bit", ComputeCapability(8, 0), None, True)
+JOB = JobView("j-train", "h", False, 0, 0, 0, None, None, None, None)
+DONE = JobView("j-train", "h", False, 0, 0, 1, "2026-01-01T01:00:00Z", None, None, None)
+REFUSED = ChildFailure(
+    "Job", "j-train", 422,
+    'Job.batch "j-train" is invalid: spec.template.spec.tolerations[1].operator: Invalid value: '
+    '"Exists": value must be empty when `operator` is \'Exists\'',
+)  # fmt: skip
+QUOTA = ChildFailure(
+    "Job", "j-train", 403, 'jobs.batch "j-train" is forbidden: exceeded quota: jobs, requested: '
+    "count/jobs.batch=1, used: count/jobs.batch=1, limited: count/jobs.batch=1",
+)  # fmt: skip
+
+
+def pod(phase: str = "Pending", node: str | None = "gpu-a100", **extra: Any) -> PodView:
+    fields: dict[str, Any] = {
+        "name": "p1", "created": "2026-01-01T00:00:00Z", "node": node, "phase": phase, "unschedulable": None,
+        "started_at": None, "finished_at": None, "exit_code": None, "termination_message": None,
+    }  # fmt: skip
+    fields.update(extra)
+    return PodView(**fields)
+
+
+def obs(**extra: Any) -> Observation:
+    fields: dict[str, Any] = {"generation": 1, "now": "t1", "requirement": REQ, "job": JOB}
+    fields.update(extra)
+    return Observation(**fields)
+
+
+def conditions(status: FineTuneJobStatus) -> dict[str, tuple[str, str, str]]:
+    return {c.type: (c.status, c.reason, c.message) for c in status.conditions}
+
+
+def test_refused_child_fails_the_job_naming_the_child_and_the_api_servers_message() -> None:
+    status, events = derive(FineTuneJobStatus(), obs(job=None, child_failure=REFUSED))
+    assert status.phase == "Failed"
+    state, reason, message = conditions(status)["ChildrenReady"]
+    assert (state, reason) == ("False", "ChildRejected")
+    assert message.startswith('Job j-train refused: Job.batch "j-train" is invalid: ')
+    assert "value must be empty" in message
+    assert conditions(status)["Failed"][:2] == ("True", "ChildRejected")
+    assert ("Warning", "ChildRejected") in [(e.type, e.reason) for e in events]
+    assert not finished(status)  # no Job ever existed: fixing the spec starts one
+
+
+def test_child_refused_for_a_passing_reason_stays_pending_and_says_it_retries() -> None:
+    status, events = derive(FineTuneJobStatus(), obs(job=None, child_failure=QUOTA))
+    assert status.phase == "Pending"
+    state, reason, message = conditions(status)["ChildrenReady"]
+    assert (state, reason) == ("False", "ChildCreateFailed")
+    assert "could not be created yet (retrying): " in message and "exceeded quota" in message
+    assert "Failed" not in conditions(status)
+    assert [e.reason for e in events if e.type == "Warning"] == ["ChildCreateFailed"]
+    # once created, the condition turns True and the job goes on
+    fixed, _ = derive(status, obs(job=None))
+    assert conditions(fixed)["ChildrenReady"][:2] == ("True", "Created")
+    assert fixed.phase == "Pending"
+
+
+def test_fixed_spec_after_refusal_clears_failed() -> None:
+    refused, _ = derive(FineTuneJobStatus(), obs(job=None, child_failure=REFUSED))
+    fixed, _ = derive(refused, obs(generation=2, job=None))
+    assert fixed.phase == "Pending"
+    assert conditions(fixed)["Failed"][:2] == ("False", "SpecFixed")
+
+
+def test_deleted_job_of_a_running_job_clears_running() -> None:
+    running, _ = derive(
+        FineTuneJobStatus(), obs(pods=(pod("Running", started_at="2026-01-01T00:00:05Z"),))
+    )
+    assert conditions(running)["Running"][0] == "True"
+    gone, _ = derive(running, obs(job=None))
+    assert gone.phase == "Pending"
+    assert conditions(gone)["Running"][:2] == ("False", "JobPending")
+
+
+def test_finished_job_whose_job_is_deleted_stays_finished() -> None:
+    done, _ = derive(FineTuneJobStatus(), obs(job=DONE, pods=(pod("Succeeded"),)))
+    assert done.phase == "Succeeded" and finished(done)
+    gone, events = derive(done, obs(job=None))
+    assert gone.phase == "Succeeded"
+    assert gone.message == done.message
+    assert conditions(gone)["Complete"][:2] == ("True", "Completed")
+    assert "Running" not in conditions(gone) or conditions(gone)["Running"][0] == "False"
+    state, reason, message = conditions(gone)["ChildrenReady"]
+    assert (state, reason) == ("False", "JobDeletedAfterFinish")
+    assert (
+        "j-train was deleted after the job finished; a finished job is never run again" in message
+    )
+    assert [(e.type, e.reason) for e in events] == [("Warning", "JobDeletedAfterFinish")]
+    again, events = derive(gone, obs(job=None))
+    assert again.phase == "Succeeded" and events == []  # reported once
+
+
+def test_failed_create_events_of_the_job_explain_a_missing_pod() -> None:
+    message = 'pods "j-train-x" is forbidden: no PriorityClass with name does-not-exist was found'
+    status, events = derive(
+        FineTuneJobStatus(),
+        obs(job_events=(("2026-01-01T00:00:01Z", "FailedCreate", message),)),
+    )
+    assert status.phase == "Pending"
+    assert conditions(status)["Scheduled"] == (
+        "False", "FailedCreate", f"the Job controller cannot create the training pod: {message}"
+    )  # fmt: skip
+    assert status.message is not None and "does-not-exist" in status.message
+    assert [(e.type, e.reason) for e in events if e.type == "Warning"] == [
+        ("Warning", "FailedCreate")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "shown"),
+    [
+        (
+            "CreateContainerConfigError",
+            'secret "hf-token" not found',
+            'secret "hf-token" not found',
+        ),
+        ("ImagePullBackOff", 'Back-off pulling image "trainer:nope"', '"trainer:nope"'),
+        ("ErrImagePull", "rpc error: manifest unknown", "manifest unknown"),
+        ("InvalidImageName", 'Failed to apply default image tag " x"', "default image tag"),
+    ],
+)
+def test_pod_that_cannot_start_says_why(reason: str, message: str, shown: str) -> None:
+    status, events = derive(
+        FineTuneJobStatus(),
+        obs(pods=(pod(waiting_reason=reason, waiting_message=message),)),
+    )
+    assert status.phase == "Pending"
+    state, got_reason, got = conditions(status)["Running"]
+    assert (state, got_reason) == ("False", reason)
+    assert got.startswith(f"training pod cannot start on gpu-a100: {reason}: ") and shown in got
+    assert status.message == got
+    assert [(e.type, e.reason) for e in events if e.type == "Warning"] == [("Warning", reason)]
+
+
+def test_container_creating_is_just_starting() -> None:
+    status, events = derive(
+        FineTuneJobStatus(), obs(pods=(pod(waiting_reason="ContainerCreating"),))
+    )
+    assert status.message == "starting on gpu-a100"
+    assert not [e for e in events if e.type == "Warning"]
+
+
+def test_pod_view_reads_waiting_reason() -> None:
+    from kubernetes import client
+
+    api = client.ApiClient()
+    raw = {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "n", "containers": [{"name": "trainer"}]},
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [
+                {"name": "trainer", "image": "i", "imageID": "", "ready": False,
+                 "restartCount": 0, "state": {"waiting": {
+                     "reason": "CreateContainerConfigError",
+                     "message": 'secret "hf-token" not found'}}}
+            ],
+        },
+    }  # fmt: skip
+
+    class Response:
+        data = json.dumps(raw)
+
+    view = PodView.from_api(api.deserialize(Response(), "V1Pod"))
+    assert (view.waiting_reason, view.waiting_message) == (
+        "CreateContainerConfigError", 'secret "hf-token" not found'
+    )  # fmt: skip
+
+
+# --- all or nothing: the reconciler against a fake API server ---------------------------------
+
+
+class FakeKube:
+    """Records creates and deletes; refuses the kinds in `refuse` with the given status."""
+
+    def __init__(self, refuse: dict[str, int] | None = None, refuse_real_only: bool = False):
+        self.refuse = refuse or {}
+        self.refuse_real_only = refuse_real_only
+        self.objects: dict[tuple[str, str], Any] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.status: dict[str, Any] | None = None
+
+    def create_if_missing(self, obj: Any, *, dry_run: bool = False) -> bool:
+        kind = type(obj).__name__.removeprefix("V1")
+        self.calls.append(("dry-run" if dry_run else "create", kind))
+        if kind in self.refuse and not (dry_run and self.refuse_real_only):
+            body = json.dumps({"message": f"{kind} refused: field x is bad"})
+            exc = ApiException(status=self.refuse[kind], reason="Unprocessable Entity")
+            exc.body = body
+            raise exc
+        key = (kind, obj.metadata.name)
+        if key in self.objects:
+            return False
+        if not dry_run:
+            self.objects[key] = obj
+        return True
+
+    def delete(self, obj: Any) -> None:
+        kind = type(obj).__name__.removeprefix("V1")
+        self.calls.append(("delete", kind))
+        self.objects.pop((kind, obj.metadata.name), None)
+
+    def get_job(self, namespace: str, name: str) -> Any:
+        return None
+
+    def list_pods(self, namespace: str, uid: str) -> list[Any]:
+        return []
+
+    def job_events(self, namespace: str, job: str) -> list[tuple[str, str, str]]:
+        return []
+
+    def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.status = status
+
+
+def body(status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "j", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {
+            "dataset": {"claimName": "data", "path": "t.jsonl"},
+            "output": {"claimName": "out", "path": "a"},
+        },
+        "status": status or {},
+    }
+
+
+def reconciler(kube: FakeKube) -> tuple[Reconciler, list[tuple[str, str, str]]]:
+    events: list[tuple[str, str, str]] = []
+    return Reconciler(
+        Settings(),
+        kube,
+        lambda _b, t, r, m: events.append((t, r, m)),  # type: ignore[arg-type]
+    ), events
+
+
+def test_a_refused_job_leaves_no_child_behind() -> None:
+    kube = FakeKube(refuse={"Job": 422})
+    rec, events = reconciler(kube)
+    failure = rec.reconcile(body())
+    assert failure is not None and failure.permanent
+    assert failure.describe() == "Job j-train refused: Job refused: field x is bad"
+    assert not kube.objects
+    assert ("create", "Job") not in kube.calls
+    assert kube.status is not None and kube.status["phase"] == "Failed"
+    assert ("Warning", "ChildRejected", failure.describe()) in events
+
+
+def test_a_child_refused_for_real_after_the_dry_run_is_rolled_back() -> None:
+    kube = FakeKube(refuse={"Job": 403}, refuse_real_only=True)
+    rec, _ = reconciler(kube)
+    failure = rec.reconcile(body())
+    assert failure is not None and not failure.permanent
+    assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
+    assert [c for c in kube.calls if c[0] == "delete"] == [
+        ("delete", "ConfigMap"), ("delete", "RoleBinding"), ("delete", "Role"),
+        ("delete", "ServiceAccount"),
+    ]  # fmt: skip
+    assert kube.status is not None and kube.status["phase"] == "Pending"
+
+
+def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is None
+    assert len(kube.objects) == 5
+    del kube.objects[("Job", "j-train")]
+    assert rec.reconcile(body()) is None
+    assert ("Job", "j-train") in kube.objects
+    del kube.objects[("Job", "j-train")]
+    done = {"phase": "Succeeded", "jobName": "j-train", "message": "adapter written"}
+    kube.calls.clear()
+    assert rec.reconcile(body(done)) is None
+    assert kube.calls == []  # nothing created, nothing even tried
+    assert ("Job", "j-train") not in kube.objects
+    assert kube.status is not None and kube.status["phase"] == "Succeeded"
