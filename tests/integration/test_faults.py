@@ -1,0 +1,290 @@
+"""Faults a new user or an unlucky cluster produces (issue 14), on the real control plane: a child
+the cluster refuses, a quota, deleted children, a finished job whose Job is cleaned up, a pod the
+Job controller cannot create, and the schema edges of server-side apply."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client
+
+from finetune_api.trainer_config import TrainerOutcome
+from gpusim import FakeKubelet
+from integration.harness import (
+    Cluster,
+    Namespace,
+    Operator,
+    ftj_manifest,
+    make_namespace,
+    remove_namespace,
+    scheme_training,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def status(ns: Namespace, name: str) -> dict[str, Any]:
+    return dict(ns.ftj(name).get("status") or {})
+
+
+def condition(ns: Namespace, name: str, type_: str) -> dict[str, Any]:
+    return next((c for c in status(ns, name).get("conditions", []) if c["type"] == type_), {})
+
+
+def warnings(ns: Namespace, name: str) -> list[tuple[str, str]]:
+    events = ns.cluster.core.list_namespaced_event(
+        ns.name, field_selector=f"involvedObject.name={name},type=Warning"
+    )
+    return [(e.reason, e.message) for e in events.items]
+
+
+def children(ns: Namespace, uid: str) -> list[str]:
+    """Every child the operator made for the FineTuneJob with this uid, as 'Kind/name'."""
+    core, rbac = ns.cluster.core, client.RbacAuthorizationV1Api(ns.cluster.api)
+    selector = f"finetune.dev/job-uid={uid}"
+    listers = {
+        "Job": ns.cluster.batch.list_namespaced_job,
+        "ConfigMap": core.list_namespaced_config_map,
+        "ServiceAccount": core.list_namespaced_service_account,
+        "Role": rbac.list_namespaced_role,
+        "RoleBinding": rbac.list_namespaced_role_binding,
+    }
+    return sorted(
+        f"{kind}/{item.metadata.name}"
+        for kind, lister in listers.items()
+        for item in lister(ns.name, label_selector=selector).items
+    )
+
+
+def apply_server_side(ns: Namespace, manifest: dict[str, Any]) -> Any:
+    return ns.cluster.kubectl(
+        "apply", "--server-side", "-n", ns.name, "-f", "-", input=yaml.safe_dump(manifest),
+        check=False,
+    )  # fmt: skip
+
+
+def test_server_side_apply_takes_a_safe_synthesizer_null_and_refuses_integer_zero(
+    namespace: Namespace,
+) -> None:
+    dump = ftj_manifest("dump", {"quantize_model": True, "quantization_scheme": None})
+    result = apply_server_side(namespace, {**dump, "spec": {**dump["spec"], "suspend": True}})
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: status(namespace, "dump").get("phase") == "Suspended", what="Suspended")
+    assert condition(namespace, "dump", "Validated")["status"] == "True"
+    result = apply_server_side(namespace, ftj_manifest("zero", {"lora_alpha_over_r": 0}))
+    assert result.returncode != 0
+    assert (
+        "spec.training.lora_alpha_over_r: Invalid value: 0: should be greater than or equal to 0.5"
+        in result.stderr
+    ), result.stderr
+    result = apply_server_side(namespace, ftj_manifest("int4", {"quantization_scheme": "int4"}))
+    assert 'spec.training.quantization_scheme: Invalid value: "int4": must be one of' in (
+        result.stderr
+    ), result.stderr
+
+
+@pytest.fixture
+def refusing_policy(namespace: Namespace) -> Iterator[str]:
+    """A cluster's own admission rule, as a ValidatingAdmissionPolicy: no 'refused:*' images."""
+    api = client.AdmissionregistrationV1Api(namespace.cluster.api)
+    name = f"no-refused-images-{namespace.name}"
+    policy = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
+                     "resources": ["jobs"]}
+                ]
+            },
+            "validations": [
+                {"expression": "!object.spec.template.spec.containers.exists(c, "
+                               "c.image.startsWith('refused:'))",
+                 "message": "images named refused are not allowed in this namespace"}
+            ],
+        },
+    }  # fmt: skip
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": name,
+            "validationActions": ["Deny"],
+            "matchResources": {
+                "namespaceSelector": {
+                    "matchLabels": {"kubernetes.io/metadata.name": namespace.name}
+                }
+            },
+        },
+    }
+    api.create_validating_admission_policy(policy)
+    api.create_validating_admission_policy_binding(binding)
+    try:
+        yield name
+    finally:
+        api.delete_validating_admission_policy_binding(name)
+        api.delete_validating_admission_policy(name)
+
+
+def test_child_refused_by_the_clusters_admission_is_reported_once_and_leaves_nothing(
+    namespace: Namespace, refusing_policy: str, operator: Operator
+) -> None:
+    # The policy takes a moment to be enforced: probe with a dry run until it refuses.
+    probe = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "probe"},
+        "spec": {"template": {"spec": {"restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": "refused:0"}]}}},
+    }  # fmt: skip
+    wait_for(
+        lambda: namespace.cluster.kubectl(
+            "create", "--dry-run=server", "-n", namespace.name, "-f", "-",
+            input=json.dumps(probe), check=False,
+        ).returncode != 0,
+        what="the admission policy in force",
+    )  # fmt: skip
+    manifest = ftj_manifest("img", scheme_training("bnb-4bit"), image="refused:1")
+    assert namespace.apply(manifest).returncode == 0
+    wait_for(lambda: status(namespace, "img").get("phase") == "Failed", what="Failed")
+    ready = condition(namespace, "img", "ChildrenReady")
+    assert (ready["status"], ready["reason"]) == ("False", "ChildRejected")
+    assert ready["message"].startswith("Job img-train refused: ")
+    assert "images named refused are not allowed in this namespace" in ready["message"]
+    assert condition(namespace, "img", "Failed")["reason"] == "ChildRejected"
+    wait_for(
+        lambda: any(r == "ChildRejected" and "img-train" in m for r, m in warnings(namespace, "img")),
+        what="a Warning Event naming the Job",
+    )  # fmt: skip
+    uid = namespace.ftj("img")["metadata"]["uid"]
+    assert children(namespace, uid) == []  # not half-created: no ConfigMap, no RBAC
+    # Not retried: kopf was told it is permanent; nothing changes over the next seconds.
+    before = status(namespace, "img")
+    time.sleep(5)
+    assert status(namespace, "img") == before
+    assert "failed permanently" in operator.log()
+
+
+def test_quota_refusal_is_retried_and_heals_when_the_quota_allows(
+    namespace: Namespace,
+) -> None:
+    core = namespace.cluster.core
+    quota = client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="no-jobs"),
+        spec=client.V1ResourceQuotaSpec(hard={"count/jobs.batch": "0"}),
+    )
+    core.create_namespaced_resource_quota(namespace.name, quota)
+    wait_for(
+        lambda: core.read_namespaced_resource_quota("no-jobs", namespace.name).status.hard,
+        what="quota observed",
+    )
+    manifest = ftj_manifest("quota", scheme_training("bnb-4bit"), suspend=True)
+    assert namespace.apply(manifest).returncode == 0
+    wait_for(
+        lambda: condition(namespace, "quota", "ChildrenReady").get("reason") == "ChildCreateFailed",
+        what="ChildCreateFailed",
+        describe=lambda: status(namespace, "quota"),
+    )
+    assert status(namespace, "quota")["phase"] == "Pending"
+    assert "exceeded quota" in condition(namespace, "quota", "ChildrenReady")["message"]
+    assert children(namespace, namespace.ftj("quota")["metadata"]["uid"]) == []
+    core.delete_namespaced_resource_quota("no-jobs", namespace.name)
+    wait_for(
+        lambda: status(namespace, "quota").get("phase") == "Suspended",
+        timeout=100,
+        what="created once the quota allows it",
+        describe=lambda: status(namespace, "quota"),
+    )
+    assert condition(namespace, "quota", "ChildrenReady")["status"] == "True"
+
+
+def test_deleted_children_are_made_again_within_seconds(namespace: Namespace) -> None:
+    assert namespace.apply(ftj_manifest("heal", scheme_training("bnb-4bit"))).returncode == 0
+    wait_for(lambda: status(namespace, "heal").get("phase") == "Running", what="Running")
+    uid = namespace.ftj("heal")["metadata"]["uid"]
+    before = children(namespace, uid)
+    assert len(before) == 5
+    old_job = namespace.jobs()[0].metadata.uid
+    for kind, name in (("job", "heal-train"), ("configmap", "heal-config"), ("role", "heal-trainer"),
+                       ("serviceaccount", "heal-trainer")):  # fmt: skip
+        namespace.cluster.kubectl("delete", kind, name, "-n", namespace.name, "--wait=false")
+    wait_for(
+        lambda: children(namespace, uid) == before and namespace.jobs()[0].metadata.uid != old_job,
+        timeout=20,
+        what="every child made again",
+        describe=lambda: children(namespace, uid),
+    )
+    # The status follows the new Job (no stale Running=True from the old one meanwhile).
+    wait_for(
+        lambda: (
+            status(namespace, "heal").get("phase") == "Running"
+            and status(namespace, "heal").get("jobName") == "heal-train"
+        ),
+        timeout=60,
+        what="Running again",
+    )
+
+
+def test_pod_the_job_controller_cannot_create_is_explained(namespace: Namespace) -> None:
+    manifest = ftj_manifest(
+        "prio", scheme_training("bnb-4bit"), placement={"priorityClassName": "does-not-exist"}
+    )
+    assert namespace.apply(manifest).returncode == 0
+    wait_for(
+        lambda: condition(namespace, "prio", "Scheduled").get("reason") == "FailedCreate",
+        timeout=90,
+        what="Scheduled=False FailedCreate",
+        describe=lambda: status(namespace, "prio"),
+    )
+    scheduled = condition(namespace, "prio", "Scheduled")
+    assert scheduled["status"] == "False"
+    assert scheduled["message"].startswith("the Job controller cannot create the training pod: ")
+    assert "does-not-exist" in scheduled["message"]
+    assert "does-not-exist" in status(namespace, "prio")["message"]
+
+
+def test_finished_job_stays_finished_when_its_job_is_deleted_even_after_a_restart(
+    cluster: Cluster, kubelet: FakeKubelet, tmp_path: Path
+) -> None:
+    op = Operator(cluster, tmp_path / "final.log", "--namespace", "f-*").start()
+    ns = make_namespace(cluster, tmp_path, prefix="f")
+    try:
+        assert ns.apply(ftj_manifest("done", scheme_training("bnb-4bit"))).returncode == 0
+        pod = wait_for(
+            lambda: next((p for p in ns.pods("done") if p.status.phase == "Running"), None),
+            what="a running pod",
+        )
+        outcome = TrainerOutcome(outcome="Succeeded", reason="Completed", message="ok",
+                                 result={"adapter": "pvc://out/done", "steps": 3})  # fmt: skip
+        kubelet.finish(pod, 0, outcome.model_dump_json(by_alias=True, exclude_none=True))
+        wait_for(lambda: status(ns, "done").get("phase") == "Succeeded", what="Succeeded")
+        result = status(ns, "done")["result"]
+        ns.cluster.kubectl("delete", "job", "done-train", "-n", ns.name)
+        wait_for(
+            lambda: condition(ns, "done", "ChildrenReady").get("reason") == "JobDeletedAfterFinish",
+            what="the missing Job reported",
+            describe=lambda: status(ns, "done"),
+        )
+        assert "never run again" in condition(ns, "done", "ChildrenReady")["message"]
+        for _ in range(2):  # a restart (resume) must not run it again either
+            op.kill()
+            op.start()
+            time.sleep(8)
+            assert ns.jobs() == []
+            assert not [p for p in ns.pods("done") if p.status.phase in ("Pending", "Running")]
+            final = status(ns, "done")
+            assert final["phase"] == "Succeeded" and final["result"] == result
+            assert condition(ns, "done", "Complete")["status"] == "True"
+            assert condition(ns, "done", "Running").get("status") != "True"
+    finally:
+        remove_namespace(ns)
+        op.stop()
