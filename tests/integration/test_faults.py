@@ -4,7 +4,6 @@ Job controller cannot create, and the schema edges of server-side apply."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from integration.harness import (
     scheme_training,
     wait_for,
 )
+from integration.policies import refusing_images
 
 pytestmark = pytest.mark.integration
 
@@ -92,67 +92,13 @@ def test_server_side_apply_takes_a_safe_synthesizer_null_and_refuses_integer_zer
 
 @pytest.fixture
 def refusing_policy(namespace: Namespace) -> Iterator[str]:
-    """A cluster's own admission rule, as a ValidatingAdmissionPolicy: no 'refused:*' images."""
-    api = client.AdmissionregistrationV1Api(namespace.cluster.api)
-    name = f"no-refused-images-{namespace.name}"
-    policy = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicy",
-        "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {
-                "resourceRules": [
-                    {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
-                     "resources": ["jobs"]}
-                ]
-            },
-            "validations": [
-                {"expression": "!object.spec.template.spec.containers.exists(c, "
-                               "c.image.startsWith('refused:'))",
-                 "message": "images named refused are not allowed in this namespace"}
-            ],
-        },
-    }  # fmt: skip
-    binding = {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "ValidatingAdmissionPolicyBinding",
-        "metadata": {"name": name},
-        "spec": {
-            "policyName": name,
-            "validationActions": ["Deny"],
-            "matchResources": {
-                "namespaceSelector": {
-                    "matchLabels": {"kubernetes.io/metadata.name": namespace.name}
-                }
-            },
-        },
-    }
-    api.create_validating_admission_policy(policy)
-    api.create_validating_admission_policy_binding(binding)
-    try:
+    with refusing_images(namespace) as name:
         yield name
-    finally:
-        api.delete_validating_admission_policy_binding(name)
-        api.delete_validating_admission_policy(name)
 
 
 def test_child_refused_by_the_clusters_admission_is_reported_once_and_leaves_nothing(
     namespace: Namespace, refusing_policy: str, operator: Operator
 ) -> None:
-    # The policy takes a moment to be enforced: probe with a dry run until it refuses.
-    probe = {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "probe"},
-        "spec": {"template": {"spec": {"restartPolicy": "Never",
-                 "containers": [{"name": "c", "image": "refused:0"}]}}},
-    }  # fmt: skip
-    wait_for(
-        lambda: namespace.cluster.kubectl(
-            "create", "--dry-run=server", "-n", namespace.name, "-f", "-",
-            input=json.dumps(probe), check=False,
-        ).returncode != 0,
-        what="the admission policy in force",
-    )  # fmt: skip
     manifest = ftj_manifest("img", scheme_training("bnb-4bit"), image="refused:1")
     assert namespace.apply(manifest).returncode == 0
     wait_for(lambda: status(namespace, "img").get("phase") == "Failed", what="Failed")
