@@ -4,6 +4,7 @@ Job controller cannot create, and the schema edges of server-side apply."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +235,41 @@ def test_finished_job_stays_finished_when_its_job_is_deleted_even_after_a_restar
     finally:
         remove_namespace(ns)
         op.stop()
+
+
+def largest_spec() -> dict[str, Any]:
+    """A valid spec with every string, list and map at its maximum size."""
+    label_key = "p" * 253 + "/" + "n" * 63
+    model = "m" * 4096
+    return {
+        "model": {"hub": {"id": model, "revision": "r" * 256,
+                          "tokenSecretRef": {"name": "s" * 253, "key": "k" * 253}}},
+        "dataset": {"claimName": "d" * 253, "path": "d" * 4090 + ".jsonl", "textField": "t" * 256},
+        "output": {"claimName": "o" * 253, "path": "o" * 4096},
+        "resources": {"cpu": "1" * 64, "memory": "2" * 64},
+        "placement": {
+            "nodeSelector": {f"{i:02d}{label_key[2:]}": "v" * 63 for i in range(64)},
+            "tolerations": [{"key": f"{i:02d}{label_key[2:]}", "value": "v" * 63}
+                            for i in range(32)],
+            "priorityClassName": "c" * 253,
+        },
+        "image": "i" * 4096,
+        "suspend": True,
+        "training": {"pretrained_model": model,
+                     "lora_target_modules": [f"{i:02d}" + "x" * 254 for i in range(64)],
+                     "attn_implementation": "a" * 256},
+    }  # fmt: skip
+
+
+def test_the_largest_spec_fits_kopfs_annotation_and_the_config_map(namespace: Namespace) -> None:
+    manifest = {**ftj_manifest("big"), "spec": largest_spec()}
+    assert len(json.dumps(manifest)) > 75_000
+    result = apply_server_side(namespace, manifest)
+    assert result.returncode == 0, result.stderr[:2000]
+    wait_for(
+        lambda: status(namespace, "big").get("phase") == "Suspended",
+        what="Suspended",
+        describe=lambda: status(namespace, "big"),
+    )
+    config = namespace.cluster.core.read_namespaced_config_map("big-config", namespace.name)
+    assert "m" * 4096 in next(iter(config.data.values()))
