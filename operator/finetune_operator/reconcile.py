@@ -139,10 +139,10 @@ class Reconciler:
         missing = set()
         for child in children:
             if id(child) in checked:
-                failure = self._create(child, dry_run=True)
-                if isinstance(failure, ChildFailure):
-                    return failure
-                if failure:
+                creatable = self._create(child, dry_run=True)
+                if isinstance(creatable, ChildFailure):
+                    return creatable  # nothing created
+                if creatable:
                     missing.add(id(child))
         created: list[Any] = []
         for child in children:
