@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from finetune_api import FineTuneJobSpec, format_validation_error
 from finetune_api.crd import build_crd
-from finetune_api.resource import label_key_ok
+from finetune_api.kube_fields import label_key_ok
 
 MINIMAL: dict[str, Any] = {
     "dataset": {"claimName": "data", "path": "train.jsonl"},
