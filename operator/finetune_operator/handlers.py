@@ -107,6 +107,6 @@ def child_changed(body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource
     if not owner or not body.metadata.namespace:
         return
     # Children are level-triggered: a deleted one is made again (unless the job has finished).
-    heal = event.get("type") == "DELETED" and resource.plural != "pods"
-    if heal or resource.plural in ("jobs", "pods"):
-        _reconciler().refresh(body.metadata.namespace, owner, heal=heal)
+    deleted = event.get("type") == "DELETED" and resource.plural != "pods"
+    if deleted or resource.plural in ("jobs", "pods"):
+        _reconciler().refresh(body.metadata.namespace, owner, heal="deleted" if deleted else False)

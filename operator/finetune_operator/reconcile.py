@@ -12,13 +12,13 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_api.errors import format_validation_error
-from finetune_api.resource import FineTuneJobSpec, FineTuneJobStatus
+from finetune_api.resource import ConditionType, FineTuneJobSpec, FineTuneJobStatus
 from finetune_operator import builders
 from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
@@ -56,6 +56,19 @@ def parse_spec(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | N
         return None, format_validation_error(exc, "spec")
 
 
+def _refused(body: Mapping[str, Any]) -> bool:
+    """Whether the status says a child of this generation was refused (ChildrenReady=False)."""
+    status = FineTuneJobStatus.model_validate(body.get("status") or {})
+    ready = status.condition(ConditionType.CHILDREN.value)
+    generation = body["metadata"].get("generation")
+    return (
+        ready is not None
+        and ready.status == "False"
+        and ready.reason in ("ChildRejected", "ChildCreateFailed")
+        and ready.observed_generation == generation
+    )
+
+
 class Reconciler:
     def __init__(self, settings: Settings, kube: Kube, events: EventSink) -> None:
         self.settings = settings
@@ -90,11 +103,18 @@ class Reconciler:
             self._refresh(body, spec, requirement, failure)
             return failure
 
-    def refresh(self, namespace: str, name: str, *, heal: bool = False) -> None:
-        """A child changed: recompute the owner's status; `heal` (a child was deleted, or the
-        periodic check) also re-creates missing children, as reconcile does."""
+    def refresh(
+        self, namespace: str, name: str, *, heal: bool | Literal["deleted"] = False
+    ) -> None:
+        """A child changed: recompute the owner's status; `heal` (the periodic check, or
+        "deleted": a child was deleted) also re-creates missing children, as reconcile does."""
         body = self.kube.get_finetunejob(namespace, name)
         if body is None:
+            return
+        if heal == "deleted" and _refused(body):
+            # The deletion is the roll-back of a refused pass: retrying on its events would loop
+            # at event speed. The status already says why; kopf (for a refusal that may pass),
+            # the periodic check or a spec change try again.
             return
         if heal:
             failure = self.reconcile(body)

@@ -251,7 +251,7 @@ def _children(b: _Builder, obs: Observation) -> tuple[Phase, str, str] | None:
     refused = b.conditions.get(ConditionType.FAILED.value)
     if refused is not None and refused.reason in ("InvalidSpec", "ChildRejected"):
         b.clear(ConditionType.FAILED, "SpecFixed", "the spec was fixed")
-    if ConditionType.CHILDREN.value in b.conditions:
+    if ConditionType.CHILDREN.value in b.conditions and obs.job is not None:
         b.set(ConditionType.CHILDREN, "True", "Created", "every child of the job exists")
     return None
 

@@ -72,7 +72,7 @@ def test_child_refused_for_a_passing_reason_stays_pending_and_says_it_retries() 
     assert "Failed" not in conditions(status)
     assert [e.reason for e in events if e.type == "Warning"] == ["ChildCreateFailed"]
     # once created, the condition turns True and the job goes on
-    fixed, _ = derive(status, obs(job=None))
+    fixed, _ = derive(status, obs())
     assert conditions(fixed)["ChildrenReady"][:2] == ("True", "Created")
     assert fixed.phase == "Pending"
 
@@ -295,3 +295,20 @@ def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
     assert kube.calls == []  # nothing created, nothing even tried
     assert ("Job", "j-train") not in kube.objects
     assert kube.status is not None and kube.status["phase"] == "Succeeded"
+
+
+def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
+    """Undoing a refused pass deletes children; their DELETED events must not start another pass
+    (that would loop as fast as events arrive). kopf's retry and a spec change still do."""
+    kube = FakeKube(refuse={"Job": 403}, refuse_real_only=True)
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is not None
+    assert kube.status is not None
+    refused = body(kube.status)
+    kube.get_finetunejob = lambda namespace, name: refused  # type: ignore[attr-defined]
+    kube.calls.clear()
+    kube.status = None
+    rec.refresh("ns", "j", heal="deleted")
+    assert kube.calls == [] and kube.status is None  # nothing tried, the status left as it is
+    rec.refresh("ns", "j", heal=True)  # the periodic check does retry a passing refusal
+    assert ("dry-run", "Job") in kube.calls
