@@ -136,10 +136,15 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
             what="Succeeded",
             describe=log.read_text,
         )
-        events = cluster.core.list_namespaced_event(
-            ns.name, field_selector="involvedObject.name=llama"
-        ).items
-        assert {"Running", "Completed"} <= {e.reason for e in events}
+
+        def reasons() -> set[str]:
+            events = cluster.core.list_namespaced_event(
+                ns.name, field_selector="involvedObject.name=llama"
+            ).items
+            return {e.reason for e in events}
+
+        # Events are posted asynchronously: wait for them rather than sample once.
+        wait_for(lambda: {"Running", "Completed"} <= reasons(), what="Running and Completed events")
         # The webhook is off by default (the CRD's CEL rules do its work): none was registered.
         admission = client.AdmissionregistrationV1Api(cluster.api)
         assert admission.list_validating_webhook_configuration().items == []
