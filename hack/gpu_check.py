@@ -247,29 +247,13 @@ def build_model(directory: Path, shape: Any) -> dict[str, Any]:
         log(f"reusing the model in {directory}")
         return info
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinymodel import train_tokenizer
 
     started = time.monotonic()
     corpus = [" ".join(random.Random(i).choices(WORDS, k=200)) for i in range(50)]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=min(1000, shape.vocab),
-            special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
+    tokenizer = train_tokenizer(corpus, vocab_size=min(1000, shape.vocab))
     # The embedding and LM head keep the shape's full vocabulary (the estimate's logits term
     # depends on it); the tokenizer uses the first ids only.
     config = LlamaConfig(

@@ -39,32 +39,40 @@ class TinyModel:
     context: int
 
 
-def build_tiny_model(directory: Path) -> TinyModel:
-    """A 2-layer Llama (hidden 64) with q/k/v/o/gate/up/down projections, and a byte-level BPE
-    tokenizer trained on the test corpus, saved together as safetensors."""
-    import torch
+def train_tokenizer(corpus: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `corpus` on the spot (nothing is downloaded), as a
+    transformers fast tokenizer with <pad>, <s>, </s> and <unk>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    corpus = SENTENCES + [prompt + completion for prompt, completion in PAIRS]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
-        corpus * 4,
+        corpus,
         trainers.BpeTrainer(
-            vocab_size=400,
+            vocab_size=vocab_size,
             special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         ),
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
     )
+
+
+def build_tiny_model(directory: Path) -> TinyModel:
+    """A 2-layer Llama (hidden 64) with q/k/v/o/gate/up/down projections, and a byte-level BPE
+    tokenizer trained on the test corpus, saved together as safetensors."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    corpus = SENTENCES + [prompt + completion for prompt, completion in PAIRS]
+    tokenizer = train_tokenizer(corpus * 4, vocab_size=400)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
