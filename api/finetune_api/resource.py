@@ -295,23 +295,14 @@ class FineTuneJobSpec(KubeModel):
         ),
     ] = None
 
-    # Combinations the trainer cannot run, refused before anything is scheduled.
-    # (An explicit non-bitsandbytes scheme with loftq is TrainingHyperparams' own rule; without
-    # one, quantization_bits names a bitsandbytes scheme.)
-    @cel_rule(
-        "self.training.peft_implementation.lowerAscii() != 'loftq' || self.training.quantize_model",
-        "peft_implementation loftq needs quantize_model: true with a bitsandbytes scheme "
-        "(bnb-4bit or bnb-8bit): LoftQ starts LoRA from the quantization error",
-        field_path=".training.peft_implementation",
-    )
-    def _loftq_runnable(self) -> bool:
-        return self.training.peft_method != "loftq" or self.training.quantize_model
-
+    # Combinations Safe Synthesizer accepts but cannot train (its run would fail in transformers or
+    # in its data assembly), refused before anything is scheduled. (loftq with a non-bitsandbytes
+    # scheme is TrainingHyperparams' own rule.)
     @cel_rule(
         f"!(self.training.lr_scheduler in {sorted(METRIC_SCHEDULERS)!r})"
         " || self.training.validation_ratio > 0.0",
         "lr_scheduler {training.lr_scheduler} adjusts the learning rate on the validation loss: "
-        "set validation_ratio > 0",
+        "set validation_ratio > 0 (transformers refuses this scheduler without evaluation)",
         field_path=".training.validation_ratio",
     )
     def _metric_scheduler_validates(self) -> bool:
@@ -321,7 +312,8 @@ class FineTuneJobSpec(KubeModel):
     @cel_rule(
         "!has(self.training.num_input_records_to_sample)"
         " || self.training.num_input_records_to_sample != 0",
-        "num_input_records_to_sample 0 means no training step: set a positive count or 'auto'",
+        "num_input_records_to_sample 0 means no training step: set a positive count or 'auto' "
+        "(Safe Synthesizer's run fails with no example to train on)",
         field_path=".training.num_input_records_to_sample",
     )
     def _trains_something(self) -> bool:

@@ -1,4 +1,5 @@
-"""Training hyperparameters, field for field compatible with NeMo Safe Synthesizer's `training:` block.
+"""Training hyperparameters, field for field compatible with NeMo Safe Synthesizer's `training:` block
+(the release SAFE_SYNTHESIZER_VERSION names; tests/unit/test_safe_synthesizer_diff.py checks it).
 
 This module must stay importable without torch, transformers or kopf: the operator image has
 none of them. ML libraries are imported only inside `QuantizationScheme.to_transformers_config`.
@@ -7,6 +8,7 @@ none of them. ML libraries are imported only inside `QuantizationScheme.to_trans
 from __future__ import annotations
 
 import enum
+import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -16,6 +18,7 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -41,7 +44,8 @@ LR_SCHEDULERS: tuple[str, ...] = (
     "greedy",
 )
 
-PEFT_IMPLEMENTATIONS: tuple[str, ...] = ("lora", "qlora", "loftq")
+# The Safe Synthesizer release this model follows (also pinned in pyproject.toml's dev extras).
+SAFE_SYNTHESIZER_VERSION = "0.1.16"
 
 
 class QuantizationScheme(enum.StrEnum):
@@ -120,24 +124,42 @@ _EFFECTIVE_BITS: dict[QuantizationScheme, int] = {
 }
 
 
-def _number_or_auto(kind: str) -> WrapValidator:
+def is_valid_warmup(value: float) -> bool:
+    """Whether `value` is a warmup transformers can use: 0 (none), a ratio in (0, 1) of the total
+    steps, or a whole number of steps from 1 on. Fractions from 1 on would be truncated by
+    transformers (1.5 becomes 1 step) and infinities or NaN fail when converted to a step count,
+    so Safe Synthesizer refuses both, and so does this model."""
+    return math.isfinite(value) and value >= 0 and (value < 1 or float(value).is_integer())
+
+
+WARMUP_RULE = (
+    "must be 0 (no warmup), a ratio of the total steps below 1, or a whole number of steps from 1 "
+    "on"
+)
+
+
+def _warmup_cel(field: str) -> str:
+    """The warmup rule in CEL (doubles from 2^53 on are all whole, and int() could overflow)."""
+    value = f"self.{field}"
+    return (
+        f"!has({value}) || {value} < 1.0 || {value} >= 9007199254740992.0"
+        f" || {value} == double(int({value}))"
+    )
+
+
+def _one_error(kind: str) -> WrapValidator:
     """One clear error for a value that is neither `kind` in range nor 'auto', instead of one error
-    per member of the union."""
+    per member of the union. Acceptance is the union's own: this only rewrites its errors."""
 
     def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         try:
-            if isinstance(value, bool):  # bool is an int subclass, never a count or a rate
-                raise ValueError
             return handler(value)
-        except (ValidationError, ValueError) as exc:
-            is_number = isinstance(value, int | float) and not isinstance(value, bool)
-            if is_number and isinstance(exc, ValidationError):
-                # The number was of the right kind but out of range: report the range rule.
-                ranges = [e["msg"] for e in exc.errors() if e["type"] in _RANGE_ERRORS]
-                if ranges:
-                    raise PydanticCustomError(
-                        "number_or_auto", "{rule} (or 'auto')", {"rule": ranges[0]}
-                    ) from None
+        except ValidationError as exc:
+            ranges = [e["msg"] for e in exc.errors() if e["type"] in _RANGE_ERRORS]
+            if ranges:  # a number of the right kind, out of range: report the range rule
+                raise PydanticCustomError(
+                    "number_or_auto", "{rule} (or 'auto')", {"rule": ranges[0]}
+                ) from None
             raise PydanticCustomError(
                 "number_or_auto", f"must be {kind} or 'auto', got {{value}}", {"value": repr(value)}
             ) from None
@@ -147,21 +169,38 @@ def _number_or_auto(kind: str) -> WrapValidator:
 
 _RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
 
-# "auto" or a number: in the CRD these become int-or-string (or an equivalent structural form).
-AutoRecords = Annotated[
-    Annotated[int, Field(ge=0)] | Literal["auto"], _number_or_auto("an integer")
-]
+# "auto" or a number, coerced the way Safe Synthesizer's `Literal["auto"] | int` (or float) fields
+# coerce them (pydantic's lax mode: "12" and True are numbers too). In the CRD these become
+# int-or-string (or an equivalent structural form).
+AutoRecords = Annotated[Literal["auto"] | Annotated[int, Field(ge=0)], _one_error("an integer")]
 AutoLearningRate = Annotated[
-    Annotated[float, Field(gt=0, lt=1)] | Literal["auto"], _number_or_auto("a number")
+    Literal["auto"] | Annotated[float, Field(gt=0, lt=1)], _one_error("a number")
 ]
-AutoRopeFactor = Annotated[
-    Annotated[int, Field(ge=1)] | Literal["auto"] | None, _number_or_auto("null, an integer")
-]
+AutoRopeFactor = Annotated[Literal["auto"] | Annotated[int, Field(ge=1)], _one_error("an integer")]
+
+
+def _warmup_schema(schema: dict[str, Any]) -> None:
+    """The CRD checks the bound it can express (>= 0; the rest of the rule is the model's).
+
+    warmup_steps publishes no default: the API server would store it in every object, and a block
+    that sets only the deprecated warmup_ratio would then reach the model with warmup_steps set as
+    well, which wins. The model applies the default instead."""
+    schema.pop("default", None)
+    schema["minimum"] = 0
+
+
+def _warmup_ratio_schema(schema: dict[str, Any]) -> None:
+    schema["deprecated"] = True
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "number":
+            branch["minimum"] = 0
 
 
 class TrainingHyperparams(RuledModel):
-    """Fine-tuning hyperparameters. Same names, defaults and ranges as NeMo Safe Synthesizer's
-    `training` configuration, so such a block can be pasted here unchanged."""
+    """Fine-tuning hyperparameters: NeMo Safe Synthesizer's `training` block (release
+    SAFE_SYNTHESIZER_VERSION) field for field, with the same names, defaults, ranges and accepted
+    values, so such a block can be pasted here unchanged. README.md "Differences from Safe
+    Synthesizer" lists what is refused earlier, and why."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -201,16 +240,29 @@ class TrainingHyperparams(RuledModel):
             ),
         ),
     ] = 0.01
-    warmup_ratio: Annotated[
+    warmup_steps: Annotated[
         float,
         Field(
-            gt=0,
+            json_schema_extra=_warmup_schema,
             description=(
-                "Fraction of the total optimizer steps spent ramping the learning rate linearly up "
-                "from 0. Must be > 0."
+                "Learning-rate warmup, a linear ramp from 0 up to the learning rate: 0 means none, "
+                "a number below 1 is a ratio of the total optimizer steps (rounded up), a whole "
+                "number from 1 on is a count of steps. Must be finite and >= 0, and whole from 1 "
+                "on. Default 0.05 (or warmup_ratio when only that is set)."
             ),
         ),
     ] = 0.05
+    warmup_ratio: Annotated[
+        float | None,
+        Field(
+            exclude=True,
+            description=(
+                "Deprecated, use warmup_steps (same values, same meaning). Used only when "
+                "warmup_steps is not set; never part of the resolved spec."
+            ),
+            json_schema_extra=_warmup_ratio_schema,
+        ),
+    ] = None
     lr_scheduler: Annotated[
         str,
         Field(
@@ -245,20 +297,22 @@ class TrainingHyperparams(RuledModel):
             ge=0.5,
             le=3,
             description=(
-                "LoRA alpha divided by the rank (alpha = lora_alpha_over_r x lora_r); 0.5, 1 and 2 "
-                "are the usual choices. Must be in [0.5, 3]."
+                "LoRA alpha divided by the rank; training uses alpha = int(lora_alpha_over_r x "
+                "lora_r), rounded down to a whole number. 0.5, 1 and 2 are the usual choices. "
+                "Must be in [0.5, 3]."
             ),
         ),
     ] = 1.0
     lora_target_modules: Annotated[
         list[Annotated[str, Field(max_length=256)]],
         Field(
-            min_length=1,
             max_length=64,
             description=(
-                "Names of the model's linear layers that receive LoRA adapters, e.g. q_proj, k_proj, "
-                "v_proj, o_proj, gate_proj, up_proj, down_proj. At least one."
+                "Names of the model's layers that receive LoRA adapters, e.g. q_proj, k_proj, "
+                "v_proj, o_proj, gate_proj, up_proj, down_proj. At least one must exist in the "
+                "model; ['all-linear'] adapts every linear layer but the output head."
             ),
+            json_schema_extra={"minItems": 1},
         ),
     ] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     rope_scaling_factor: Annotated[
@@ -266,8 +320,8 @@ class TrainingHyperparams(RuledModel):
         Field(
             description=(
                 "Stretch the base model's context window by this integer factor with RoPE scaling. "
-                "Must be >= 1; 'auto' scales only as far as the longest training sequence needs; "
-                "null disables RoPE scaling."
+                "Must be >= 1 (1: no scaling), or 'auto' to scale only as far as the longest "
+                "training sequence needs."
             ),
         ),
     ] = "auto"
@@ -289,20 +343,20 @@ class TrainingHyperparams(RuledModel):
     pretrained_model: Annotated[
         str,
         Field(
-            min_length=1,
             max_length=4096,
             description=(
                 "Base model to fine-tune: a Hugging Face Hub id or a local path. Defaults to "
                 "SmolLM3-3B. Only load models from sources you trust."
             ),
+            json_schema_extra={"minLength": 1},
         ),
     ] = "HuggingFaceTB/SmolLM3-3B"
     quantize_model: Annotated[
         bool,
         Field(
             description=(
-                "Load the frozen base model quantized (see quantization_scheme). Cuts GPU memory, "
-                "may cost some accuracy."
+                "Load the frozen base model quantized (see quantization_scheme) and train a QLoRA "
+                "adapter on it. Cuts GPU memory, may cost some accuracy."
             ),
         ),
     ] = False
@@ -321,21 +375,21 @@ class TrainingHyperparams(RuledModel):
         Field(
             description=(
                 "Quantization scheme used when quantize_model is true: bnb-4bit, bnb-8bit, fp8, "
-                "nvfp4 or mxfp4. Unset falls back to quantization_bits. Only the bitsandbytes "
-                "schemes work with peft_implementation loftq."
+                "nvfp4 or mxfp4. Unset falls back to quantization_bits. peft_implementation loftq "
+                "needs a bitsandbytes scheme."
             ),
         ),
     ] = None
     peft_implementation: Annotated[
         str,
         Field(
+            max_length=256,
             description=(
-                "Parameter-efficient fine-tuning method: 'lora' (plain LoRA), 'QLORA' (LoRA on a "
-                "k-bit prepared, quantized base) or 'loftq' (LoRA initialised with LoftQ). "
-                "Case-insensitive."
+                "Parameter-efficient fine-tuning method. With quantize_model false every value "
+                "trains plain LoRA; with quantize_model true the quantized base is prepared for "
+                "k-bit training (QLoRA), and exactly 'loftq' (lower case) starts the adapter from "
+                "LoftQ. The usual values are 'lora', 'QLORA' and 'loftq'."
             ),
-            max_length=16,
-            json_schema_extra={"pattern": "^(?i:lora|qlora|loftq)$"},
         ),
     ] = "QLORA"
     max_vram_fraction: Annotated[
@@ -352,7 +406,6 @@ class TrainingHyperparams(RuledModel):
     attn_implementation: Annotated[
         str,
         Field(
-            min_length=1,
             max_length=256,
             description=(
                 "Attention kernel used when loading the model: 'sdpa' (PyTorch scaled dot-product "
@@ -360,26 +413,47 @@ class TrainingHyperparams(RuledModel):
                 "'flash_attention_3', or a Hugging Face Kernels Hub path such as "
                 "'kernels-community/flash-attn2'."
             ),
+            json_schema_extra={"minLength": 1},
         ),
     ] = "sdpa"
+
+    # Values Safe Synthesizer accepts but cannot train with: refused here with what would fail.
 
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
         if value not in LR_SCHEDULERS:
-            raise ValueError(f"must be one of {', '.join(LR_SCHEDULERS)}")
+            raise ValueError(
+                f"must be one of {', '.join(LR_SCHEDULERS)}: transformers' TrainingArguments "
+                f"refuses {value!r}"
+            )
         return value
 
-    @field_validator("peft_implementation")
+    @field_validator("lora_target_modules")
     @classmethod
-    def _known_peft(cls, value: str) -> str:
-        if value.lower() not in PEFT_IMPLEMENTATIONS:
-            raise ValueError("must be lora, QLORA or loftq (case-insensitive)")
+    def _some_targets(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one module: peft has nothing to adapt otherwise")
+        return value
+
+    @field_validator("pretrained_model")
+    @classmethod
+    def _named_model(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty: no model can be loaded from ''")
+        return value
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _named_attention(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty: transformers refuses attn_implementation ''")
         return value
 
     @field_validator("quantization_scheme", mode="before")
     @classmethod
-    def _scheme_alias(cls, value: Any) -> Any:
+    def _scheme_value(cls, value: Any) -> Any:
+        """The scheme's string value, as the wire carries it (the model is strict)."""
         if value is None or isinstance(value, QuantizationScheme):
             return value
         if isinstance(value, str) and value in QuantizationScheme._value2member_map_:
@@ -387,15 +461,35 @@ class TrainingHyperparams(RuledModel):
         names = ", ".join(QuantizationScheme)
         raise ValueError(f"must be one of {names} (or null), got {value!r}")
 
+    @model_validator(mode="after")
+    def _warmup_ratio_alias(self) -> TrainingHyperparams:
+        """The deprecated warmup_ratio sets warmup_steps when warmup_steps itself is not set."""
+        if self.warmup_ratio is not None and "warmup_steps" not in self.model_fields_set:
+            self.warmup_steps = self.warmup_ratio
+        return self
+
     @cel_rule(
-        "self.peft_implementation.lowerAscii() != 'loftq' || !has(self.quantization_scheme)"
-        " || self.quantization_scheme in ['bnb-4bit', 'bnb-8bit']",
-        "quantization_scheme {quantization_scheme} cannot be used with peft_implementation loftq: "
-        "LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)",
+        _warmup_cel("warmup_steps"), f"warmup_steps {WARMUP_RULE}", field_path=".warmup_steps"
+    )
+    def _warmup_steps_usable(self) -> bool:
+        return is_valid_warmup(self.warmup_steps)
+
+    @cel_rule(
+        _warmup_cel("warmup_ratio"), f"warmup_ratio {WARMUP_RULE}", field_path=".warmup_ratio"
+    )
+    def _warmup_ratio_usable(self) -> bool:
+        return self.warmup_ratio is None or is_valid_warmup(self.warmup_ratio)
+
+    @cel_rule(
+        "!self.quantize_model || self.peft_implementation != 'loftq'"
+        " || !has(self.quantization_scheme) || self.quantization_scheme in ['bnb-4bit', 'bnb-8bit']",
+        "peft_implementation loftq cannot be used with quantization_scheme {quantization_scheme}: "
+        "LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit), and Safe Synthesizer's LoRA "
+        "setup fails on any other",
         field_path=".quantization_scheme",
     )
     def _loftq_needs_bitsandbytes(self) -> bool:
-        scheme = self.quantization_scheme
+        scheme = self.resolved_quantization_scheme
         return self.peft_method != "loftq" or scheme is None or scheme.is_bitsandbytes
 
     @property
@@ -404,9 +498,13 @@ class TrainingHyperparams(RuledModel):
         return self.batch_size * self.gradient_accumulation_steps
 
     @property
-    def peft_method(self) -> str:
-        """peft_implementation in lower case: 'lora', 'qlora' or 'loftq'."""
-        return self.peft_implementation.lower()
+    def peft_method(self) -> Literal["lora", "qlora", "loftq"]:
+        """The adapter training builds, decided the way Safe Synthesizer decides it: LoRA on an
+        unquantized base whatever peft_implementation says; on a quantized base QLoRA, or LoftQ
+        when peft_implementation is exactly 'loftq'."""
+        if not self.quantize_model:
+            return "lora"
+        return "loftq" if self.peft_implementation == "loftq" else "qlora"
 
     @property
     def resolved_quantization_scheme(self) -> QuantizationScheme | None:
@@ -419,6 +517,6 @@ class TrainingHyperparams(RuledModel):
         return QuantizationScheme.from_alias(self.quantization_bits)
 
     @property
-    def lora_alpha(self) -> float:
-        """LoRA alpha: lora_alpha_over_r x lora_r."""
-        return self.lora_alpha_over_r * self.lora_r
+    def lora_alpha(self) -> int:
+        """LoRA alpha as Safe Synthesizer computes it: int(lora_alpha_over_r x lora_r)."""
+        return int(self.lora_alpha_over_r * self.lora_r)

@@ -162,16 +162,25 @@ def test_unavailable_attention_implementation(
     assert run.outcome is not None and run.outcome["message"] == run.last_line
 
 
-def test_loftq_without_quantization(tmp_path: Path, data: Path, run_trainer: RunTrainer) -> None:
-    job = manifest(tmp_path / "job.yaml", training={**SMALL, "peft_implementation": "loftq"})
+def test_loftq_on_a_non_bitsandbytes_scheme(
+    tmp_path: Path, data: Path, run_trainer: RunTrainer
+) -> None:
+    training = {
+        **SMALL,
+        "peft_implementation": "loftq",
+        "quantize_model": True,
+        "quantization_scheme": "fp8",
+    }
+    job = manifest(tmp_path / "job.yaml", training=training)
     run = run_trainer(job, "--data", str(data))  # refused before any download
     check_failed(
         run,
         2,
         "InvalidInput",
-        f"job file {job}: spec.training.peft_implementation: peft_implementation loftq needs quantize_model: true "
-        "with a bitsandbytes scheme (bnb-4bit or bnb-8bit): LoftQ starts LoRA from the "
-        "quantization error",
+        f"job file {job}: spec.training.quantization_scheme: peft_implementation loftq cannot be "
+        "used with "
+        "quantization_scheme fp8: LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit), and "
+        "Safe Synthesizer's LoRA setup fails on any other",
     )
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.training
 
 EXPLICIT = {
     "lr_scheduler": "linear",
-    "warmup_ratio": 0.25,
+    "warmup_ratio": 0.25,  # the deprecated alias: warmup_steps 0.25, a ratio
     "batch_size": 2,
     "gradient_accumulation_steps": 3,  # effective batch 6
     "num_input_records_to_sample": 60,  # ceil(60 / 6) = 10 steps
@@ -28,7 +28,7 @@ EXPLICIT = {
     "weight_decay": 0.07,
     "learning_rate": 0.003,
     "lora_r": 4,
-    "lora_alpha_over_r": 2.0,
+    "lora_alpha_over_r": 1.3,  # alpha int(1.3 x 4) = 5, as Safe Synthesizer computes it
     "lora_target_modules": ["q_proj", "up_proj"],
     "attn_implementation": "eager",
     "rope_scaling_factor": 2,
@@ -89,7 +89,9 @@ def test_steps_batch_and_optimizer(explicit_run: tuple[Run, Any]) -> None:
     assert args.gradient_accumulation_steps == 3
     assert args.optim.value == "adamw_torch"
     assert args.lr_scheduler_type.value == "linear"
-    assert args.warmup_steps == math.ceil(0.25 * 10) == 3
+    assert args.warmup_steps == 0.25  # handed over as Safe Synthesizer hands it over
+    assert args.get_warmup_steps(10) == math.ceil(0.25 * 10) == 3
+    assert run.summary["resolved"]["warmup_steps"] == 3
     assert args.learning_rate == 0.003
     assert run.trainer_state()["global_step"] == 10
     summary = run.summary
@@ -146,7 +148,7 @@ def test_lora_rank_alpha_and_targets(explicit_run: tuple[Run, Any], tiny_model: 
 
     run, _ = explicit_run
     config = json.loads((run.output / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    assert (config["r"], config["lora_alpha"]) == (4, 5)  # int(1.3 x 4), not 5.2
     assert sorted(config["target_modules"]) == ["q_proj", "up_proj"]
     with safe_open(str(run.output / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())
@@ -164,7 +166,7 @@ def test_lora_rank_alpha_and_targets(explicit_run: tuple[Run, Any], tiny_model: 
     assert adapted == {"q_proj", "up_proj"}
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.r["default"] == 4
-    assert layer.scaling["default"] == 2.0
+    assert layer.scaling["default"] == 5 / 4  # alpha / r with Safe Synthesizer's alpha
 
 
 def test_rope_and_attention_as_loaded(explicit_run: tuple[Run, Any]) -> None:

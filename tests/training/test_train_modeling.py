@@ -45,14 +45,14 @@ def inv_freq(model: Any) -> Any:
 
 @pytest.mark.parametrize(
     ("setting", "max_length", "factor"),
-    [(2, 64, 2), (None, 64, None), ("auto", 64, None), ("auto", 300, 3), ("auto", 128, None)],
+    [(2, 64, 2), (1, 64, None), ("auto", 64, None), ("auto", 300, 3), ("auto", 128, None)],
 )
 def test_rope_scaling_as_the_model_computes_it(
     tiny_model: TinyModel, setting: Any, max_length: int, factor: int | None
 ) -> None:
     import torch
 
-    plain = load(tiny_model, spec({"rope_scaling_factor": None}))
+    plain = load(tiny_model, spec({"rope_scaling_factor": 1}))
     job = spec({"rope_scaling_factor": setting}, max_length)
     _, applied = load_config(ModelSource(str(tiny_model.path), "tiny"), job)
     assert applied == factor
@@ -95,9 +95,19 @@ def gradient_checkpointing(model: Any) -> bool:
 @pytest.mark.parametrize(
     ("training", "scheme", "prepared"),
     [
-        ({"peft_implementation": "QLORA"}, QuantizationScheme.BNB_4BIT, True),
-        ({"peft_implementation": "lora"}, QuantizationScheme.BNB_4BIT, False),
+        (
+            {"peft_implementation": "QLORA", "quantize_model": True},
+            QuantizationScheme.BNB_4BIT,
+            True,
+        ),
+        # As in Safe Synthesizer, any peft_implementation on a quantized base is QLoRA
+        (
+            {"peft_implementation": "lora", "quantize_model": True},
+            QuantizationScheme.BNB_4BIT,
+            True,
+        ),
         ({"peft_implementation": "QLORA"}, None, False),  # no quantization: plain LoRA
+        ({"peft_implementation": "loftq"}, None, False),  # loftq without quantization: LoRA too
     ],
 )
 def test_qlora_prepares_kbit_training_only_on_a_quantized_base(
@@ -158,13 +168,24 @@ def test_loftq_reduces_the_quantization_error(
 
 
 def test_unknown_target_module_lists_the_linear_layers(tiny_model: TinyModel) -> None:
-    job = spec({"lora_target_modules": ["q_proj", "qq_proj"]})
+    job = spec({"lora_target_modules": ["qq_proj", "vv_proj"]})
     with pytest.raises(InvalidInputError) as error:
         apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
     assert str(error.value) == (
-        "spec.training.lora_target_modules: no module named 'qq_proj' in the model; its linear "
-        "layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
+        "spec.training.lora_target_modules: no module named 'qq_proj', 'vv_proj' in the model; "
+        "its linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     )
+
+
+def test_a_target_matching_nothing_is_skipped_when_another_matches(
+    tiny_model: TinyModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """peft (and so Safe Synthesizer) adapts the targets that exist and ignores the others."""
+    job = spec({"lora_target_modules": ["q_proj", "qq_proj", ""]})
+    model, _ = apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
+    adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "lora_A", None)}
+    assert adapted == {"q_proj"}
+    assert "no module named 'qq_proj', '' in the model; skipped" in caplog.text
 
 
 def custom_code_model(tiny: TinyModel, directory: Path) -> Path:

@@ -71,11 +71,8 @@ def test_auto_fields_have_structural_forms() -> None:
     assert records["x-kubernetes-int-or-string"] is True and records["minimum"] == 0
     assert records["pattern"] == "^auto$" and records["default"] == "auto"
     rope = training["rope_scaling_factor"]
-    assert (
-        rope["x-kubernetes-int-or-string"] is True
-        and rope["nullable"] is True
-        and rope["minimum"] == 1
-    )
+    assert rope["x-kubernetes-int-or-string"] is True and rope["minimum"] == 1
+    assert "nullable" not in rope  # Safe Synthesizer refuses null here
     rate = training["learning_rate"]
     assert rate["x-kubernetes-preserve-unknown-fields"] is True
     assert (
@@ -154,7 +151,11 @@ def test_names_printer_columns_and_status() -> None:
         ({"learning_rate": "fast"}, "spec.training.learning_rate"),
         ({"num_input_records_to_sample": "many"}, "spec.training.num_input_records_to_sample"),
         ({"quantization_scheme": "int4"}, "spec.training.quantization_scheme"),
-        ({"peft_implementation": "dora"}, "spec.training.peft_implementation"),
+        ({"warmup_steps": -1}, "spec.training.warmup_steps"),
+        ({"warmup_ratio": -0.5}, "spec.training.warmup_ratio"),
+        ({"rope_scaling_factor": None}, "spec.training.rope_scaling_factor"),
+        ({"lora_target_modules": []}, "spec.training.lora_target_modules"),
+        ({"pretrained_model": ""}, "spec.training.pretrained_model"),
         ({"lr_scheduler": "exp"}, "spec.training.lr_scheduler"),
         ({"lora_rank": 3}, "spec.training"),
     ],
@@ -197,16 +198,19 @@ def test_every_cross_field_rule_of_the_models_is_a_cel_rule_with_its_message() -
         assert [r["rule"] for r in published] == [rule.cel for rule in model.cel_rules()]
         assert [r for r in published if r["message"] == ""] == []
     assert any("loftq" in r["rule"] for r in rules_at("training"))
-    assert any("loftq" in r["rule"] for r in rules_at())
+    # loftq without quantize_model trains plain LoRA, as in Safe Synthesizer: no spec-level rule
+    assert not any("loftq" in r["rule"] for r in rules_at())
+    assert any("warmup_steps" in r["rule"] for r in rules_at("training"))
 
 
 def test_messages_with_values_become_message_expressions() -> None:
     (rule,) = [r for r in rules_at("training") if "loftq" in r["rule"]]
     assert rule["messageExpression"] == (
-        "'quantization_scheme ' + self.quantization_scheme + ' cannot be used with "
-        "peft_implementation loftq: LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit)'"
+        "'peft_implementation loftq cannot be used with quantization_scheme ' + "
+        "self.quantization_scheme + ': LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit), "
+        "and Safe Synthesizer\\'s LoRA setup fails on any other'"
     )
-    assert rule["message"].startswith("quantization_scheme cannot be used with")
+    assert rule["message"].startswith("peft_implementation loftq cannot be used with")
     assert rule["fieldPath"] == ".quantization_scheme" and rule["reason"] == "FieldValueInvalid"
 
 
@@ -219,3 +223,12 @@ def test_strings_and_lists_that_cel_reads_are_bounded() -> None:
     for name in ("peft_implementation", "pretrained_model", "attn_implementation"):
         assert training[name]["maxLength"] <= 4096, name
     assert training["lora_target_modules"]["maxItems"] == 64
+
+
+def test_warmup_steps_has_no_stored_default() -> None:
+    """With a default in the CRD the API server would store warmup_steps in every object, and a
+    block that sets only the deprecated warmup_ratio would lose it (warmup_steps wins when set)."""
+    training = training_schema()
+    assert "default" not in training["warmup_steps"]
+    assert "default" not in training["warmup_ratio"]
+    assert training["warmup_steps"]["minimum"] == 0

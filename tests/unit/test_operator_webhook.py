@@ -37,7 +37,8 @@ def test_admits_valid_and_refuses_invalid_with_the_models_message() -> None:
     assert admission_error(VALID, None) is None
     message = admission_error(INVALID, None)
     assert message is not None and message.startswith(
-        "spec.training.quantization_scheme: quantization_scheme fp8 cannot be used"
+        "spec.training.quantization_scheme: peft_implementation loftq cannot be used with "
+        "quantization_scheme fp8"
     )
 
 

@@ -160,12 +160,13 @@ def test_camel_case_on_the_wire() -> None:
                     "peft_implementation": "loftq",
                 }
             ),
-            "spec.training.quantization_scheme: quantization_scheme nvfp4 cannot be used with peft_implementation loftq",
+            "spec.training.quantization_scheme: peft_implementation loftq cannot be used with "
+            "quantization_scheme nvfp4",
         ),
         (with_(trainingg={}), "spec.trainingg: unknown field"),
         (
-            with_(training={"peft_implementation": "loftq"}),
-            "spec.training.peft_implementation: peft_implementation loftq needs quantize_model: true",
+            with_(training={"lora_target_modules": []}),
+            "spec.training.lora_target_modules: must name at least one module",
         ),
         (
             with_(training={"lr_scheduler": "reduce_lr_on_plateau"}),
@@ -193,6 +194,11 @@ def test_bad_specs_give_one_line_naming_the_field(spec: dict[str, Any], expected
         {"peft_implementation": "LoftQ", "quantize_model": True, "quantization_bits": 4},
         {"lr_scheduler": "reduce_lr_on_plateau", "validation_ratio": 0.1},
         {"num_input_records_to_sample": 1},
+        # Safe Synthesizer runs these (loftq only applies to a quantized base, and only spelled
+        # exactly 'loftq'), so they must pass here too.
+        {"peft_implementation": "loftq"},
+        {"peft_implementation": "loftq", "quantization_scheme": "nvfp4"},
+        {"peft_implementation": "LOFTQ", "quantize_model": True, "quantization_scheme": "fp8"},
     ],
 )
 def test_runnable_combinations_pass(training: dict[str, Any]) -> None:

@@ -62,18 +62,45 @@ def test_optimizer_steps_round_up(records: int, batch: int, steps: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("ratio", "total", "scheduler", "expected"),
+    ("setting", "total", "scheduler", "expected"),
     [
         (0.05, 100, "cosine", 5),
         (0.05, 10, "linear", 1),  # ceil(0.5)
         (0.25, 10, "linear", 3),  # ceil(2.5)
-        (1.5, 10, "cosine", 10),  # capped at the run
+        (0.0, 10, "linear", 0),  # none
+        (1.0, 10, "cosine", 1),  # from 1 on: a count of steps, not a ratio
+        (2.0, 10, "cosine", 2),  # warmup_ratio 2 is 2 steps too, as in Safe Synthesizer
+        (40.0, 10, "cosine", 40),  # longer than the run: transformers does not cap it
         (0.5, 10, "constant", 0),  # no warmup phase
         (0.5, 10, "reduce_lr_on_plateau", 0),
     ],
 )
-def test_warmup_steps(ratio: float, total: int, scheduler: str, expected: int) -> None:
-    assert plan.warmup_steps(ratio, total, scheduler) == expected
+def test_warmup_steps(setting: float, total: int, scheduler: str, expected: int) -> None:
+    assert plan.warmup_steps(setting, total, scheduler) == expected
+
+
+@pytest.mark.parametrize("setting", [0, 0.01, 0.05, 0.25, 0.5, 0.999, 1, 2, 3.0, 17, 250])
+@pytest.mark.parametrize("total", [1, 7, 10, 99, 1000])
+def test_warmup_is_what_transformers_derives_from_safe_synthesizers_value(
+    setting: float, total: int
+) -> None:
+    """Safe Synthesizer hands warmup_steps to TrainingArguments unchanged; the plan must count
+    the warmup steps that transformers then schedules, and the trainer hands over the same value."""
+    from transformers import TrainingArguments
+
+    from finetune_trainer.hardware import Device
+    from finetune_trainer.training import get_training_arguments
+
+    training = TrainingHyperparams(
+        warmup_steps=setting, lr_scheduler="linear", num_input_records_to_sample=total * 8
+    )
+    safe_synthesizer = TrainingArguments(output_dir="/tmp/unused", warmup_steps=setting)
+    resolved = plan.make_plan(training, dataset_records=total, model_type=None)
+    assert resolved.steps == total
+    assert resolved.warmup_steps == safe_synthesizer.get_warmup_steps(total)
+    ours = get_training_arguments(training, resolved, Device(gpus=(), bf16=False), "/tmp/unused")
+    assert ours.warmup_steps == safe_synthesizer.warmup_steps == setting
+    assert ours.get_warmup_steps(total) == resolved.warmup_steps
 
 
 @pytest.mark.parametrize("scheduler", LR_SCHEDULERS)
@@ -132,7 +159,7 @@ def test_make_plan_resolves_everything() -> None:
         num_input_records_to_sample=60,
         batch_size=2,
         gradient_accumulation_steps=3,
-        warmup_ratio=0.25,
+        warmup_steps=0.25,
         validation_ratio=0.2,
         lr_scheduler="linear",
     )
@@ -169,7 +196,7 @@ def test_steps_count_every_worker(
         num_input_records_to_sample=records,
         batch_size=batch,
         gradient_accumulation_steps=accumulation,
-        warmup_ratio=0.25,
+        warmup_steps=0.25,
         lr_scheduler="linear",
     )
     resolved = plan.make_plan(

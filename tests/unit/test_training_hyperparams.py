@@ -15,7 +15,7 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 1,
     "gradient_accumulation_steps": 8,
     "weight_decay": 0.01,
-    "warmup_ratio": 0.05,
+    "warmup_steps": 0.05,
     "lr_scheduler": "cosine",
     "learning_rate": "auto",
     "lora_r": 32,
@@ -36,40 +36,39 @@ DEFAULTS: dict[str, Any] = {
 
 def test_all_defaults_validate_and_match_safe_synthesizer() -> None:
     params = TrainingHyperparams()
-    assert params.model_dump() == DEFAULTS
-    assert set(TrainingHyperparams.model_fields) == set(DEFAULTS)
+    assert params.model_dump() == DEFAULTS  # warmup_ratio (deprecated, None) is never dumped
+    assert set(TrainingHyperparams.model_fields) == {*DEFAULTS, "warmup_ratio"}
+    assert params.warmup_ratio is None
     assert params.effective_batch_size == 8
     assert params.resolved_quantization_scheme is None
 
 
 # (field, accepted values at and inside the boundary, rejected values just outside it)
 BOUNDARIES: list[tuple[str, list[Any], list[Any]]] = [
-    ("num_input_records_to_sample", [0, 1, 50_000, "auto"], [-1, "lots", 2.5, True]),
-    ("batch_size", [1, 64], [0, -3]),
+    ("num_input_records_to_sample", [0, 1, 50_000, "auto"], [-1, "lots", 2.5, "AUTO"]),
+    ("batch_size", [1, 64], [0, -3, 1.5]),
     ("gradient_accumulation_steps", [1, 32], [0]),
     ("weight_decay", [1e-9, 0.5, 0.999999], [0, 0.0, 1, 1.0, -0.1]),
-    ("warmup_ratio", [1e-9, 0.5, 1.0], [0, -0.01]),
+    ("warmup_steps", [0, 0.0, 1e-9, 0.5, 0.999, 1, 1.0, 2, 40.0], [-0.01, 1.5, 2.25, float("inf")]),
+    ("warmup_ratio", [0, 1e-9, 0.5, 1.0, 3, None], [-0.01, 1.5, float("nan")]),
     ("lr_scheduler", list(LR_SCHEDULERS), ["exponential", "Cosine", ""]),
     ("learning_rate", [1e-9, 2e-4, 0.999999, "auto"], [0, 0.0, 1, 1.0, -1e-4, "fast", False]),
     ("lora_r", [1, 256], [0, -8]),
     ("lora_alpha_over_r", [0.5, 1.0, 3.0], [0.49, 3.01]),
     ("lora_target_modules", [["q_proj"], ["gate_proj", "up_proj", "down_proj"]], [[]]),
-    ("rope_scaling_factor", [1, 4, "auto", None], [0, -1, "double", 1.5]),
+    ("rope_scaling_factor", [1, 4, "auto"], [0, -1, "double", 1.5]),
     ("validation_ratio", [0, 0.0, 0.2, 1.0], [-0.01, 1.01]),
     ("validation_steps", [1, 100], [0, -5]),
     ("pretrained_model", ["HuggingFaceTB/SmolLM3-3B", "/models/llama"], [""]),
     ("quantize_model", [True, False], ["perhaps"]),
-    ("quantization_bits", [4, 8], [2, 16, 0]),
+    ("quantization_bits", [4, 8], [2, 16, 0, "4"]),
     (
         "quantization_scheme",
         [*QuantizationScheme, *(s.value for s in QuantizationScheme), None],
-        ["int4", "bnb_4bit"],
+        ["int4", "bnb_4bit", "BNB-4BIT", 4, 8],
     ),
-    (
-        "peft_implementation",
-        ["lora", "LoRA", "QLORA", "qlora", "loftq", "LoftQ"],
-        ["dora", "ia3", ""],
-    ),
+    # Any string: Safe Synthesizer reads only 'loftq' (on a quantized base); see peft_method.
+    ("peft_implementation", ["lora", "LoRA", "QLORA", "qlora", "loftq", "LoftQ", "dora", ""], []),
     ("max_vram_fraction", [0, 0.0, 0.5, 1.0], [-0.01, 1.01]),
     (
         "attn_implementation",
@@ -151,22 +150,55 @@ def test_resolved_scheme(settings: dict[str, Any], expected: QuantizationScheme 
 
 
 @pytest.mark.parametrize("scheme", ["fp8", "nvfp4", "mxfp4"])
-@pytest.mark.parametrize("peft", ["loftq", "LoftQ", "LOFTQ"])
-def test_loftq_rejects_non_bitsandbytes_schemes(scheme: str, peft: str) -> None:
+def test_loftq_on_a_quantized_base_rejects_non_bitsandbytes_schemes(scheme: str) -> None:
     with pytest.raises(ValidationError) as info:
         TrainingHyperparams(
-            quantize_model=True, quantization_scheme=scheme, peft_implementation=peft
+            quantize_model=True, quantization_scheme=scheme, peft_implementation="loftq"
         )
     message = format_validation_error(info.value, "spec.training")
-    assert f"quantization_scheme {scheme} cannot be used with peft_implementation loftq" in message
-
-
-@pytest.mark.parametrize("scheme", ["bnb-4bit", "bnb-8bit", None])
-def test_loftq_accepts_bitsandbytes(scheme: str | None) -> None:
-    params = TrainingHyperparams(
-        quantize_model=True, quantization_scheme=scheme, peft_implementation="loftq"
+    assert message == (
+        f"spec.training.quantization_scheme: peft_implementation loftq cannot be used with "
+        f"quantization_scheme "
+        f"{scheme}: LoftQ needs a bitsandbytes scheme (bnb-4bit or bnb-8bit), and Safe "
+        "Synthesizer's LoRA setup fails on any other"
     )
-    assert params.peft_method == "loftq"
+
+
+@pytest.mark.parametrize(
+    ("settings", "method"),
+    [
+        # Safe Synthesizer compares peft_implementation == "loftq" on a quantized base only.
+        ({"peft_implementation": "loftq", "quantization_scheme": "fp8"}, "lora"),
+        ({"peft_implementation": "loftq"}, "lora"),
+        (
+            {"peft_implementation": "LoftQ", "quantize_model": True, "quantization_scheme": "fp8"},
+            "qlora",
+        ),
+        ({"peft_implementation": "LOFTQ", "quantize_model": True}, "qlora"),
+        ({"peft_implementation": "loftq", "quantize_model": True}, "loftq"),
+        ({"peft_implementation": "loftq", "quantize_model": True, "quantization_bits": 4}, "loftq"),
+        (
+            {
+                "peft_implementation": "loftq",
+                "quantize_model": True,
+                "quantization_scheme": "bnb-4bit",
+            },
+            "loftq",
+        ),
+        ({"peft_implementation": "lora", "quantize_model": True}, "qlora"),
+        (
+            {
+                "peft_implementation": "anything",
+                "quantize_model": True,
+                "quantization_scheme": "nvfp4",
+            },
+            "qlora",
+        ),
+        ({"peft_implementation": "QLORA"}, "lora"),
+    ],
+)
+def test_peft_method_as_safe_synthesizer_decides_it(settings: dict[str, Any], method: str) -> None:
+    assert TrainingHyperparams.model_validate(settings).peft_method == method
 
 
 @pytest.mark.parametrize("peft", ["lora", "QLORA"])
@@ -183,13 +215,86 @@ def test_scheme_takes_only_its_names(value: object) -> None:
         TrainingHyperparams(quantization_scheme=value)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("settings", "warmup"),
+    [
+        ({}, 0.05),
+        ({"warmup_ratio": 0.2}, 0.2),  # the deprecated alias sets warmup_steps...
+        ({"warmup_ratio": 2}, 2.0),  # ...with the same meaning: 2 steps, not a ratio of 2
+        ({"warmup_ratio": 0.2, "warmup_steps": 7}, 7.0),  # ...unless warmup_steps is set
+        ({"warmup_ratio": 0.2, "warmup_steps": 0.05}, 0.05),  # even to its default
+        ({"warmup_ratio": None, "warmup_steps": 3}, 3.0),
+        ({"warmup_steps": 0}, 0.0),
+    ],
+)
+def test_warmup_ratio_is_a_deprecated_alias(settings: dict[str, Any], warmup: float) -> None:
+    params = TrainingHyperparams.model_validate(settings)
+    assert params.warmup_steps == warmup
+    assert "warmup_ratio" not in params.model_dump()
+    assert TrainingHyperparams.model_validate(params.model_dump()).warmup_steps == warmup
+
+
+def test_warmup_message_names_the_rule() -> None:
+    with pytest.raises(ValidationError) as info:
+        TrainingHyperparams(warmup_steps=1.5)
+    assert format_validation_error(info.value, "spec.training") == (
+        "spec.training.warmup_steps: warmup_steps must be 0 (no warmup), a ratio of the total "
+        "steps below 1, or a whole number of steps from 1 on"
+    )
+
+
+@pytest.mark.parametrize(
+    ("ratio", "rank", "alpha"),
+    [(1.0, 32, 32), (0.5, 3, 1), (1.3, 32, 41), (2.0, 16, 32), (0.5, 1, 0)],
+)
+def test_lora_alpha_is_rounded_down_like_safe_synthesizer(
+    ratio: float, rank: int, alpha: int
+) -> None:
+    params = TrainingHyperparams(lora_alpha_over_r=ratio, lora_r=rank)
+    assert params.lora_alpha == alpha == int(ratio * rank)
+    assert isinstance(params.lora_alpha, int)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "read"),
+    [
+        ("rope_scaling_factor", 2.0, 2),  # a whole number written as a float is an integer
+        ("batch_size", 3.0, 3),
+        ("warmup_steps", 2, 2.0),
+        ("rope_scaling_factor", None, "auto"),  # null on a field that is not nullable: unset
+    ],
+)
+def test_values_are_read_as_the_api_server_reads_them(field: str, value: Any, read: Any) -> None:
+    assert getattr(TrainingHyperparams.model_validate({field: value}), field) == read
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        # Safe Synthesizer's lax spellings, which the CRD's types refuse (README: what Kubernetes
+        # decides before the model); the model refuses them too.
+        ("batch_size", True),
+        ("num_input_records_to_sample", True),
+        ("lora_r", "3"),
+        ("quantize_model", "yes"),
+        ("quantize_model", 1),
+        ("learning_rate", "0.001"),
+        ("weight_decay", "0.1"),
+    ],
+)
+def test_json_types_are_strict(field: str, value: Any) -> None:
+    with pytest.raises(ValidationError) as info:
+        TrainingHyperparams.model_validate({field: value})
+    assert format_validation_error(info.value, "spec.training").startswith(f"spec.training.{field}")
+
+
 def test_safe_synthesizer_block_pastes_unchanged() -> None:
     block = {
         "num_input_records_to_sample": 5000,
         "batch_size": 2,
         "gradient_accumulation_steps": 4,
         "weight_decay": 0.01,
-        "warmup_ratio": 0.1,
+        "warmup_steps": 0.1,
         "lr_scheduler": "linear",
         "learning_rate": 0.0005,
         "lora_r": 16,

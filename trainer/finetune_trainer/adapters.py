@@ -1,19 +1,23 @@
 """The LoRA adapter: lora, QLoRA or LoftQ on top of the loaded base model.
 
-- lora: LoRA on the base model as loaded (quantized or not).
-- qlora: on a bitsandbytes-quantized base, peft's `prepare_model_for_kbit_training` (frozen base,
-  norms in float32, gradient checkpointing) first, then LoRA; on any other base it is plain LoRA.
-- loftq: QLoRA whose LoRA matrices start from LoftQ (see loftq.py) instead of B = 0.
+Which one is decided as Safe Synthesizer decides it (TrainingHyperparams.peft_method):
+- lora: quantize_model false, whatever peft_implementation says: LoRA on the base as loaded.
+- qlora: quantize_model true: on a bitsandbytes-quantized base, peft's
+  `prepare_model_for_kbit_training` (frozen base, norms in float32, gradient checkpointing) first,
+  then LoRA; on the other schemes plain LoRA on the quantized base.
+- loftq: quantize_model true and peft_implementation exactly 'loftq' (a bitsandbytes scheme, the
+  model refuses others): QLoRA whose LoRA matrices start from LoftQ (see loftq.py).
 
-r = lora_r, lora_alpha = lora_alpha_over_r x lora_r, target_modules = lora_target_modules (names
-matched against the ends of the model's module names; ['all-linear'] means every linear layer but
-the output head), dropout LORA_DROPOUT, no bias.
+r = lora_r, lora_alpha = int(lora_alpha_over_r x lora_r) as Safe Synthesizer computes it,
+target_modules = lora_target_modules (names matched against the ends of the model's module names;
+['all-linear'] means every linear layer but the output head), dropout LORA_DROPOUT, no bias.
+Like peft, a target that matches nothing is skipped (with a warning) as long as another matches.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from finetune_api.training import QuantizationScheme, TrainingHyperparams
 from finetune_trainer.errors import InvalidInputError
@@ -38,27 +42,41 @@ def linear_layer_names(model: Any) -> list[str]:
 
 
 def check_target_modules(model: Any, targets: list[str]) -> None:
-    """Every target must name a layer LoRA can adapt (linear, embedding, GPT-2's Conv1D): one
-    clear line listing the model's linear layers otherwise."""
+    """The targets must match at least one module, and each match must be a layer LoRA can adapt
+    (linear, embedding, GPT-2's Conv1D), where peft would fail otherwise: one clear line listing
+    the model's linear layers. A target that matches nothing while another does is skipped by
+    peft, as in Safe Synthesizer: a warning names it."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
     if targets == [ALL_LINEAR]:
         return
     adaptable = (torch.nn.Linear, torch.nn.Embedding, Conv1D)
-    modules = list(model.named_modules())
+    modules = [(name, module) for name, module in model.named_modules() if name]
+    unmatched = []
     for target in targets:
         matches = [m for name, m in modules if name == target or name.endswith(f".{target}")]
         if not matches:
-            problem = f"no module named {target!r} in the model"
+            unmatched.append(target)
         elif not any(isinstance(module, adaptable) for module in matches):
-            problem = f"{target!r} names a {type(matches[0]).__name__}, not a linear layer"
-        else:
-            continue
-        raise InvalidInputError(
-            f"spec.training.lora_target_modules: {problem}; its linear layers are: "
-            f"{', '.join(linear_layer_names(model))}"
+            _bad_targets(
+                model, f"{target!r} names a {type(matches[0]).__name__}, not a linear layer"
+            )
+    if len(unmatched) == len(targets):
+        names = ", ".join(repr(t) for t in unmatched)
+        _bad_targets(model, f"no module named {names} in the model")
+    if unmatched:
+        log.warning(
+            "spec.training.lora_target_modules: no module named %s in the model; skipped",
+            ", ".join(repr(t) for t in unmatched),
         )
+
+
+def _bad_targets(model: Any, problem: str) -> NoReturn:
+    raise InvalidInputError(
+        f"spec.training.lora_target_modules: {problem}; its linear layers are: "
+        f"{', '.join(linear_layer_names(model))}"
+    )
 
 
 def get_peft_config(training: TrainingHyperparams) -> Any:
@@ -88,7 +106,7 @@ def apply_peft(
     check_target_modules(model, training.lora_target_modules)
     method = training.peft_method
     kbit = scheme is not None and scheme.is_bitsandbytes
-    if method in ("qlora", "loftq") and kbit:
+    if method != "lora" and kbit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=True,

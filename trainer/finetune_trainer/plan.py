@@ -26,16 +26,20 @@ World size
     of the other plan (they are removed, with a warning naming them).
 
 Warmup
-    ceil(warmup_ratio x steps), at most the number of steps. Schedulers with no warmup phase
-    (constant, reduce_lr_on_plateau, greedy) get none.
+    spec.training.warmup_steps goes to transformers unchanged, as Safe Synthesizer hands it over
+    (TrainingArguments.warmup_steps), and transformers reads it: 0 is no warmup, a value below 1
+    is a ratio, ceil(warmup_steps x steps), and a value from 1 on is int(warmup_steps) steps, even
+    beyond the run's length. The plan records that count (0 for the schedulers without a warmup
+    phase: constant, reduce_lr_on_plateau, greedy).
 
 Validation split
     round(validation_ratio x records), at least 1 when the ratio is above 0; the rest trains.
 
 RoPE scaling factor
     An integer n > 1 stretches the context to n x the model's native max_position_embeddings; 1
-    and null leave the model as it is; 'auto' scales only when dataset.maxSequenceLength exceeds
-    the native context, by ceil(maxSequenceLength / native).
+    leaves the model as it is; 'auto' scales only when dataset.maxSequenceLength exceeds the
+    native context, by ceil(maxSequenceLength / native). (The model refuses null, as Safe
+    Synthesizer does; None here means no scaling.)
 
 Checkpoints
     Every ceil(steps / 20) optimizer steps (at most 250 steps apart), so a restart loses at most
@@ -104,11 +108,12 @@ def optimizer_steps(records: int, effective_batch_size: int) -> int:
     return -(-records // effective_batch_size)
 
 
-def warmup_steps(ratio: float, total_steps: int, scheduler: str) -> int:
-    """ceil(ratio x total_steps), capped at total_steps; 0 for schedulers without warmup."""
+def warmup_steps(setting: float, total_steps: int, scheduler: str) -> int:
+    """The warmup steps transformers derives from `setting` (TrainingArguments.get_warmup_steps):
+    int(setting) from 1 on, ceil(total_steps x setting) below; 0 for schedulers without warmup."""
     if scheduler in NO_WARMUP_SCHEDULERS:
         return 0
-    return min(math.ceil(ratio * total_steps), total_steps)
+    return int(setting) if setting >= 1 else math.ceil(total_steps * setting)
 
 
 def scheduler_kwargs(scheduler: str, total_steps: int, warmup: int) -> dict[str, float | int]:
@@ -216,7 +221,7 @@ def make_plan(
         )
     records = resolve_records(training.num_input_records_to_sample, train)
     steps = optimizer_steps(records, training.effective_batch_size * world_size)
-    warmup = warmup_steps(training.warmup_ratio, steps, training.lr_scheduler)
+    warmup = warmup_steps(training.warmup_steps, steps, training.lr_scheduler)
     if training.learning_rate != "auto":
         source = "spec"
     elif model_type in LEARNING_RATES:

@@ -53,7 +53,7 @@ def get_training_arguments(
         weight_decay=training.weight_decay,
         lr_scheduler_type=training.lr_scheduler,
         lr_scheduler_kwargs=plan.scheduler_kwargs,
-        warmup_steps=plan.warmup_steps,
+        warmup_steps=training.warmup_steps,  # as Safe Synthesizer passes it; see plan.py
         eval_strategy="steps" if validate else "no",
         eval_steps=training.validation_steps if validate else None,
         logging_strategy="steps",
