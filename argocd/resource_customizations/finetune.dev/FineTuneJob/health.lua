@@ -3,7 +3,8 @@
 -- Argo CD sets the global `obj` (the live object) and takes the table this chunk returns.
 -- Only the Lua 5.1 base library is used: a check configured in argocd-cm runs without the
 -- string, math, os and io libraries unless useOpenLibs is set, and numbers are printed with
--- tostring() only when they are whole (Lua 5.1 and gopher-lua agree on those; not on fractions).
+-- tostring() only when they are whole and below 1e14 (Lua 5.1 and gopher-lua agree on those, not
+-- on fractions or larger numbers). The tests run every case in both engines.
 --
 -- Order of the checks:
 --   no status / status older than metadata.generation -> Progressing (waiting for the operator)
@@ -47,37 +48,20 @@ local function explain(c, fallback)
   return fallback
 end
 
--- A whole number as text ("30"), or nil when the value is not a number.
-local function whole(value)
-  local n = tonumber(value)
-  if n == nil then
-    return nil
-  end
+-- Numbers as text, the same in Lua 5.1 and in gopher-lua (the engine Argo CD embeds): tostring()
+-- is used only on whole numbers below 1e14, which both print as plain digits (from 1e14 on,
+-- Lua 5.1 prints "1e+14" and gopher-lua "100000000000000"); larger values are written in
+-- scientific notation here ("1.235e+15"), with + - * / % on small values only.
+local PLAIN_LIMIT = 1e14
+local DECIMALS_LIMIT = 1e9
+
+local function digits(n) -- a whole n, 0 <= n < PLAIN_LIMIT
   return tostring(n - n % 1)
 end
 
--- A number with three decimals ("1.234"), built from whole numbers only.
-local function decimal3(value)
-  local n = tonumber(value)
-  if n == nil then
-    return nil
-  end
-  if n ~= n then
-    return "nan"
-  end
-  if n == 1 / 0 or n == -1 / 0 then
-    return "inf"
-  end
-  local sign = ""
-  if n < 0 then
-    sign = "-"
-    n = -n
-  end
+local function three_decimals(n) -- 0 <= n < DECIMALS_LIMIT: "12.346"
   local scaled = n * 1000 + 0.5
   scaled = scaled - scaled % 1
-  if scaled == 0 then
-    sign = ""
-  end
   local fraction = scaled % 1000
   local pad = ""
   if fraction < 10 then
@@ -85,7 +69,82 @@ local function decimal3(value)
   elseif fraction < 100 then
     pad = "0"
   end
-  return sign .. tostring((scaled - fraction) / 1000) .. "." .. pad .. tostring(fraction)
+  return digits((scaled - fraction) / 1000) .. "." .. pad .. digits(fraction)
+end
+
+local function scientific(n) -- a finite n >= 1: "1.235e+15"
+  local exponent = 0
+  while n >= 10 do
+    n = n / 10
+    exponent = exponent + 1
+  end
+  local mantissa = three_decimals(n)
+  if mantissa == "10.000" then
+    mantissa = "1.000"
+    exponent = exponent + 1
+  end
+  return mantissa .. "e+" .. digits(exponent)
+end
+
+-- "nan" or "inf" for the values that are not finite numbers, else nil.
+local function not_finite(n)
+  if n ~= n then
+    return "nan"
+  end
+  if n == 1 / 0 or n == -1 / 0 then
+    return "inf"
+  end
+  return nil
+end
+
+-- A whole number as text ("30"; "1.000e+15" from 1e14 on), or nil when the value is not a number.
+local function whole(value)
+  local n = tonumber(value)
+  if n == nil then
+    return nil
+  end
+  if not_finite(n) ~= nil then
+    return not_finite(n)
+  end
+  local sign = ""
+  if n < 0 then
+    sign = "-"
+    n = -n
+  end
+  n = n - n % 1
+  if n == 0 then
+    return "0"
+  end
+  if n < PLAIN_LIMIT then
+    return sign .. digits(n)
+  end
+  return sign .. scientific(n)
+end
+
+-- A number with three decimals ("1.234"; "1.000e+15" from 1e9 on), or nil when not a number.
+local function decimal3(value)
+  local n = tonumber(value)
+  if n == nil then
+    return nil
+  end
+  if not_finite(n) ~= nil then
+    return not_finite(n)
+  end
+  local sign = ""
+  if n < 0 then
+    sign = "-"
+    n = -n
+  end
+  local text
+  if n < DECIMALS_LIMIT then
+    text = three_decimals(n)
+  else
+    text = scientific(n)
+  end
+  if text == "0.000" then
+    sign = ""
+  end
+  return sign .. text
 end
 
 -- "step 30/100 (30%), loss 1.234", or nil when the trainer has reported nothing yet.
@@ -94,17 +153,17 @@ local function progress_text(progress)
     return nil
   end
   local parts = nil
-  local step = whole(progress.step)
-  local total = whole(progress.totalSteps)
+  local step = tonumber(progress.step)
+  local total = tonumber(progress.totalSteps)
   if step ~= nil then
-    parts = "step " .. step
-    if total ~= nil and tonumber(total) > 0 then
-      parts = parts .. "/" .. total
-      local percent = whole(progress.percent)
+    parts = "step " .. whole(step)
+    if total ~= nil and total > 0 then
+      parts = parts .. "/" .. whole(total)
+      local percent = tonumber(progress.percent)
       if percent == nil then
-        percent = whole(tonumber(step) * 100 / tonumber(total))
+        percent = step * 100 / total
       end
-      parts = parts .. " (" .. percent .. "%)"
+      parts = parts .. " (" .. whole(percent) .. "%)"
     end
   end
   local loss = decimal3(progress.loss)
