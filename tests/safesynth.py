@@ -169,3 +169,43 @@ def _accepted_by_safe_synthesizer(
         k: (v, mine.values.get(k)) for k, v in values.items() if not same(v, mine.values.get(k))
     }
     return f"values differ (theirs, ours): {diff}" if diff else None
+
+
+def safe_synthesizer_dumps() -> list[dict[str, Any]]:
+    """`SafeSynthesizerParameters().model_dump()["training"]` and the same with every field set,
+    each as model_dump() and as model_dump(mode="json") gives it."""
+    from nemo_safe_synthesizer.config import SafeSynthesizerParameters
+
+    from finetune_api import TrainingHyperparams
+
+    every_field = {
+        "num_input_records_to_sample": 4000,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "weight_decay": 0.02,
+        "warmup_steps": 12,
+        "lr_scheduler": "linear",
+        "learning_rate": 0.0003,
+        "lora_r": 24,
+        "lora_alpha_over_r": 1.3,
+        "lora_target_modules": ["q_proj", "v_proj", "up_proj"],
+        "rope_scaling_factor": 2,
+        "validation_ratio": 0.1,
+        "validation_steps": 25,
+        "pretrained_model": "meta-llama/Llama-3.2-1B",
+        "quantize_model": True,
+        "quantization_bits": 4,
+        "quantization_scheme": "bnb-4bit",
+        "peft_implementation": "loftq",
+        "max_vram_fraction": 0.9,
+        "attn_implementation": "eager",
+    }
+    # every field but warmup_ratio, which both leave out of dumps
+    assert set(every_field) == set(TrainingHyperparams.model_fields) - {"warmup_ratio"}
+    dumps = []
+    for params in (
+        SafeSynthesizerParameters(),
+        SafeSynthesizerParameters.model_validate({"training": every_field}),
+    ):
+        dumps += [params.model_dump()["training"], params.model_dump(mode="json")["training"]]
+    return dumps

@@ -239,8 +239,9 @@ def test_cross_field_invalid_example_is_refused_by_kubectl_apply(scratch: Namesp
     assert 'The FineTuneJob "loftq-on-nvfp4" is invalid' in result.stderr, result.stderr
     assert "spec.training.quantization_scheme: Invalid value" in result.stderr
     assert (
-        "quantization_scheme nvfp4 cannot be used with peft_implementation loftq: LoftQ needs a "
-        "bitsandbytes scheme (bnb-4bit or bnb-8bit)"
+        "peft_implementation loftq cannot be used with quantization_scheme nvfp4: LoftQ needs a "
+        "bitsandbytes scheme (bnb-4bit or bnb-8bit), and Safe Synthesizer's LoRA setup fails on "
+        "any other"
     ) in result.stderr
 
 

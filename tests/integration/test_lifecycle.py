@@ -124,8 +124,9 @@ def test_cross_field_error_is_refused_at_apply_and_a_fix_runs(namespace: Namespa
     assert result.returncode != 0
     assert "spec.training.quantization_scheme: Invalid value" in result.stderr
     assert (
-        "quantization_scheme nvfp4 cannot be used with peft_implementation loftq: LoftQ needs a "
-        "bitsandbytes scheme (bnb-4bit or bnb-8bit)"
+        "peft_implementation loftq cannot be used with quantization_scheme nvfp4: LoftQ needs a "
+        "bitsandbytes scheme (bnb-4bit or bnb-8bit), and Safe Synthesizer's LoRA setup fails on "
+        "any other"
     ) in result.stderr
     assert namespace.jobs() == []
     # Fixing the spec: accepted, validated and training starts.

@@ -153,7 +153,6 @@ def test_names_printer_columns_and_status() -> None:
         ({"quantization_scheme": "int4"}, "spec.training.quantization_scheme"),
         ({"warmup_steps": -1}, "spec.training.warmup_steps"),
         ({"warmup_ratio": -0.5}, "spec.training.warmup_ratio"),
-        ({"rope_scaling_factor": None}, "spec.training.rope_scaling_factor"),
         ({"lora_target_modules": []}, "spec.training.lora_target_modules"),
         ({"pretrained_model": ""}, "spec.training.pretrained_model"),
         ({"lr_scheduler": "exp"}, "spec.training.lr_scheduler"),

@@ -19,7 +19,14 @@ from crdschema import schema_errors
 from finetune_api import FineTuneJobSpec, TrainingHyperparams
 from finetune_api.training import LR_SCHEDULERS, SAFE_SYNTHESIZER_VERSION
 from finetune_trainer.plan import make_plan
-from safesynth import DIFFERENCES, SPEC, disagreement, ours, safe_synthesizer
+from safesynth import (
+    DIFFERENCES,
+    SPEC,
+    disagreement,
+    ours,
+    safe_synthesizer,
+    safe_synthesizer_dumps,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 FIELDS = tuple(TrainingHyperparams.model_fields)
@@ -246,44 +253,9 @@ def test_documented_training_blocks() -> None:
         assert disagreement(block) is None, block
 
 
-def _full_dumps() -> list[dict[str, Any]]:
-    from nemo_safe_synthesizer.config import SafeSynthesizerParameters
-
-    every_field = {
-        "num_input_records_to_sample": 4000,
-        "batch_size": 2,
-        "gradient_accumulation_steps": 4,
-        "weight_decay": 0.02,
-        "warmup_steps": 12,
-        "lr_scheduler": "linear",
-        "learning_rate": 0.0003,
-        "lora_r": 24,
-        "lora_alpha_over_r": 1.3,
-        "lora_target_modules": ["q_proj", "v_proj", "up_proj"],
-        "rope_scaling_factor": 2,
-        "validation_ratio": 0.1,
-        "validation_steps": 25,
-        "pretrained_model": "meta-llama/Llama-3.2-1B",
-        "quantize_model": True,
-        "quantization_bits": 4,
-        "quantization_scheme": "bnb-4bit",
-        "peft_implementation": "loftq",
-        "max_vram_fraction": 0.9,
-        "attn_implementation": "eager",
-    }
-    assert set(every_field) == set(FIELDS) - {"warmup_ratio"}  # excluded from dumps by both
-    dumps = []
-    for params in (
-        SafeSynthesizerParameters(),
-        SafeSynthesizerParameters.model_validate({"training": every_field}),
-    ):
-        dumps += [params.model_dump()["training"], params.model_dump(mode="json")["training"]]
-    return dumps
-
-
 @pytest.mark.parametrize("index", range(4))
 def test_safe_synthesizer_dumps_paste_unchanged(index: int) -> None:
-    dump = _full_dumps()[index]
+    dump = safe_synthesizer_dumps()[index]
     spec = FineTuneJobSpec.model_validate({**SPEC, "training": dump})
     assert ours(dump) == safe_synthesizer(dump)
     assert disagreement(dump) is None
