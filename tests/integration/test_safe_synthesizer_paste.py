@@ -12,7 +12,7 @@ import pytest
 from finetune_api import FineTuneJobSpec
 from finetune_trainer.plan import make_plan
 from integration.harness import Namespace, ftj_manifest
-from safesynth import safe_synthesizer_dumps
+from safesynth import ours, safe_synthesizer, safe_synthesizer_dumps
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,10 @@ def test_safe_synthesizer_dumps_pass_the_api_server_unchanged(
     code, out, err = dry_run(namespace, dump)
     assert code == 0, err
     stored = json.loads(out)["spec"]
-    assert stored["training"] == dump
+    # Nulls (quantization_scheme: null) do not reach storage: kubectl apply drops them; the field
+    # is then unset, which is what null means there.
+    assert stored["training"] == {k: v for k, v in dump.items() if v is not None}
+    assert ours(stored["training"]) == safe_synthesizer(dump)
     spec = FineTuneJobSpec.model_validate(stored)
     assert make_plan(spec.training, dataset_records=500, model_type="llama").steps >= 1
 
@@ -70,8 +73,9 @@ def test_the_api_server_refuses_naming_the_field(
 
 
 def test_null_for_a_field_that_is_not_nullable_is_dropped(namespace: Namespace) -> None:
-    """The API server prunes such a null and applies the default, where Safe Synthesizer refuses
-    null (README: what Kubernetes decides before the model)."""
+    """The null is dropped (by kubectl apply; the API server would prune it too) and the default
+    applies, where Safe Synthesizer refuses null (README: what Kubernetes decides before the
+    model)."""
     code, out, err = dry_run(namespace, {"rope_scaling_factor": None})
     assert code == 0, err
     assert json.loads(out)["spec"]["training"]["rope_scaling_factor"] == "auto"
