@@ -186,6 +186,7 @@ VALID_BLOCKS = st.fixed_dictionaries(
     max_examples=2000,
     deadline=None,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(BLOCKS)
@@ -194,7 +195,11 @@ def test_generated_blocks(block: dict[str, Any]) -> None:
 
 
 @settings(
-    max_examples=1000, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=1000,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(VALID_BLOCKS)
 def test_generated_combinations_of_valid_values(block: dict[str, Any]) -> None:
