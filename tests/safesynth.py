@@ -4,6 +4,12 @@ and judge the two outcomes against the deliberate differences README.md lists.
 Safe Synthesizer's side is `SafeSynthesizerParameters.model_validate({"training": block})`, its
 full parameters model (the unknown-field policy lives there). Ours is the whole FineTuneJob spec
 with the block as `spec.training`, so the spec-level rules count too.
+
+Two kinds of deliberate differences:
+- READINGS: the model reads a block as the Kubernetes API server does (finetune_api.rules), which
+  Safe Synthesizer's lax pydantic reading does not: JSON types are strict, strings and lists are
+  bounded (for CEL's cost), and a null on a field that is not nullable means "unset".
+- DIFFERENCES: blocks Safe Synthesizer accepts and cannot run, which we refuse up front.
 """
 
 from __future__ import annotations
@@ -124,6 +130,100 @@ DIFFERENCES: tuple[Difference, ...] = (
 )
 
 
+# The JSON types the CRD gives each field (after the API server's reading: a whole float is an
+# integer). "auto" fields also take that one string.
+_INTEGER = ("batch_size", "gradient_accumulation_steps", "lora_r", "validation_steps")
+_NUMBER = (
+    "weight_decay",
+    "warmup_steps",
+    "warmup_ratio",
+    "lora_alpha_over_r",
+    "validation_ratio",
+    "max_vram_fraction",
+)
+_STRING = ("lr_scheduler", "pretrained_model", "peft_implementation", "attn_implementation")
+NULLABLE = ("warmup_ratio", "quantization_scheme")
+MAX_LENGTH = {"pretrained_model": 4096, "peft_implementation": 256, "attn_implementation": 256}
+MAX_TARGETS, MAX_TARGET_LENGTH = 64, 256
+
+
+def _is_integer(value: Any) -> bool:
+    whole_float = isinstance(value, float) and value.is_integer() and abs(value) < 2**63
+    return (isinstance(value, int) and not isinstance(value, bool)) or whole_float
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _json_type_fits(field: str, value: Any) -> bool:  # noqa: PLR0911
+    """Whether the value has the JSON type the CRD gives the field (values checked elsewhere)."""
+    if value is None:
+        return True  # null: unset, or the null of a nullable field
+    if field in _INTEGER or field == "quantization_bits":
+        return _is_integer(value)
+    if field in _NUMBER:
+        return _is_number(value)
+    if field in ("num_input_records_to_sample", "rope_scaling_factor"):
+        return _is_integer(value) or value == "auto"
+    if field == "learning_rate":
+        return _is_number(value) or value == "auto"
+    if field in (*_STRING, "quantization_scheme"):
+        return isinstance(value, str)
+    if field == "quantize_model":
+        return isinstance(value, bool)
+    if field == "lora_target_modules":
+        return isinstance(value, list) and all(isinstance(item, str) for item in value)
+    return True  # an unknown field: refused by both
+
+
+def _too_long(field: str, value: Any) -> bool:
+    if field in MAX_LENGTH:
+        return isinstance(value, str) and len(value) > MAX_LENGTH[field]
+    if field == "lora_target_modules" and isinstance(value, list):
+        long_item = any(isinstance(i, str) and len(i) > MAX_TARGET_LENGTH for i in value)
+        return len(value) > MAX_TARGETS or long_item
+    return False
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How the model's reading of a block departs from Safe Synthesizer's. `refuses(block)`: we
+    refuse whatever Safe Synthesizer does; else `read(block)` is what Safe Synthesizer is compared
+    on."""
+
+    name: str
+    refuses: Callable[[dict[str, Any]], bool]
+    read: Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def _unchanged(block: dict[str, Any]) -> dict[str, Any]:
+    return block
+
+
+def _never(block: dict[str, Any]) -> bool:
+    return False
+
+
+READINGS: tuple[Reading, ...] = (
+    Reading(
+        "strict JSON types",
+        lambda b: not all(_json_type_fits(f, v) for f, v in b.items()),
+        _unchanged,
+    ),
+    Reading(
+        "bounded strings and lists",
+        lambda b: any(_too_long(f, v) for f, v in b.items()),
+        _unchanged,
+    ),
+    Reading(
+        "null on a field that is not nullable means unset",
+        _never,
+        lambda b: {f: v for f, v in b.items() if v is not None or f in NULLABLE},
+    ),
+)
+
+
 def same(a: Any, b: Any) -> bool:
     """Equal values of the same types (NaN equals NaN), recursively."""
     if type(a) is not type(b):
@@ -137,14 +237,25 @@ def same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def disagreement(block: Any, differences: tuple[Difference, ...] = DIFFERENCES) -> str | None:
-    """None when the two models agree on `block` (allowing only the listed differences), else
-    what differs."""
-    theirs, mine = safe_synthesizer(block), ours(block)
+def disagreement(
+    block: Any,
+    differences: tuple[Difference, ...] = DIFFERENCES,
+    readings: tuple[Reading, ...] = READINGS,
+) -> str | None:
+    """None when the two models agree on `block` (allowing only the listed readings and
+    differences), else what differs."""
+    mine = ours(block)
     if mine.error is not None and (
         not mine.error.startswith("spec.training") or "\n" in mine.error
     ):
         return f"our message does not name the field on one line: {mine.error!r}"
+    if isinstance(block, dict):
+        refusing = [r.name for r in readings if r.refuses(block)]
+        if refusing:
+            return f"readings {refusing} apply, but we accept" if mine.accepted else None
+        for reading in readings:
+            block = reading.read(block)
+    theirs = safe_synthesizer(block)
     if theirs.values is None:
         return f"Safe Synthesizer refuses ({theirs.error}), we accept" if mine.accepted else None
     return _accepted_by_safe_synthesizer(theirs.values, mine, differences)

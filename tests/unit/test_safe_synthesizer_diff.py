@@ -21,6 +21,7 @@ from finetune_api.training import LR_SCHEDULERS, SAFE_SYNTHESIZER_VERSION
 from finetune_trainer.plan import make_plan
 from safesynth import (
     DIFFERENCES,
+    READINGS,
     SPEC,
     disagreement,
     ours,
@@ -54,11 +55,23 @@ BOUNDARIES: dict[str, list[Any]] = {
         "q_proj",
         [1],
         [None],
+        ["q_proj"] * 64,
+        ["q_proj"] * 65,
+        ["t" * 256],
+        ["t" * 257],
     ],
     "rope_scaling_factor": [1, 2, 4, 0, -1, 1.0, 1.5, "2"],
     "validation_ratio": [0, 0.0, 0.1, 1, 1.0, -0.01, 1.01, "0.2"],
     "validation_steps": [1, 15, 0, -1, 2.0, "5"],
-    "pretrained_model": ["HuggingFaceTB/SmolLM3-3B", "/models/llama", "", " ", 7],
+    "pretrained_model": [
+        "HuggingFaceTB/SmolLM3-3B",
+        "/models/llama",
+        "",
+        " ",
+        7,
+        "m" * 4096,
+        "m" * 4097,
+    ],
     "quantize_model": [True, False, 1, 0, "true", "yes", "off", "perhaps", 2],
     "quantization_bits": [4, 8, 4.0, 2, 16, "4", 0],
     "quantization_scheme": [
@@ -75,6 +88,8 @@ BOUNDARIES: dict[str, list[Any]] = {
         "",
     ],
     "peft_implementation": [
+        "p" * 256,
+        "p" * 257,
         "lora",
         "LoRA",
         "QLORA",
@@ -88,6 +103,8 @@ BOUNDARIES: dict[str, list[Any]] = {
     ],
     "max_vram_fraction": [0, 0.0, 0.5, 0.8, 1, 1.0, -0.01, 1.01],
     "attn_implementation": [
+        "a" * 256,
+        "a" * 257,
         "sdpa",
         "eager",
         "flash_attention_2",
@@ -232,6 +249,25 @@ def test_each_listed_difference_is_needed(difference: Any) -> None:
     others = tuple(d for d in DIFFERENCES if d is not difference)
     assert disagreement(block, others) is not None
     assert f"**{difference.name}**" in (REPO / "README.md").read_text()
+
+
+EXAMPLE_OF_READING: dict[str, dict[str, Any]] = {
+    "strict JSON types": {"lora_r": "16"},
+    "bounded strings and lists": {"peft_implementation": "p" * 257},
+    "null on a field that is not nullable means unset": {"rope_scaling_factor": None},
+}
+
+
+@pytest.mark.parametrize("reading", READINGS, ids=lambda r: r.name)
+def test_each_listed_reading_is_needed(reading: Any) -> None:
+    """The example gets another decision from Safe Synthesizer than from us; without the reading
+    in the list the comparison fails, and the README lists it."""
+    block = EXAMPLE_OF_READING[reading.name]
+    assert safe_synthesizer(block).accepted != ours(block).accepted
+    assert disagreement(block) is None
+    others = tuple(r for r in READINGS if r is not reading)
+    assert disagreement(block, readings=others) is not None
+    assert f"**{reading.name}**" in (REPO / "README.md").read_text()
 
 
 def _documented_blocks() -> list[Any]:
