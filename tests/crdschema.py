@@ -34,8 +34,6 @@ def _to_draft4(node: dict[str, Any]) -> dict[str, Any]:
         _cel_as_schema(validation["rule"], out)
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
-        if "enum" in out:  # the API server admits null for a nullable enum
-            out["enum"] = [*out["enum"], None]
     if node.get("nullable") and "type" not in out:
         pass  # int-or-string / preserve-unknown-fields: any type already
     if node.get("x-kubernetes-int-or-string"):

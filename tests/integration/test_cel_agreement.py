@@ -50,6 +50,7 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("training", "gradient_accumulation_steps"): ints,
     ("training", "weight_decay"): numbers,
     ("training", "warmup_ratio"): numbers,
+    ("training", "warmup_steps"): st.one_of(numbers, st.sampled_from([2.5, 40, 1e20])),
     ("training", "lr_scheduler"): st.sampled_from([*LR_SCHEDULERS, "Cosine", "nope"]),
     ("training", "learning_rate"): st.one_of(numbers, st.just("auto")),
     ("training", "lora_r"): ints,
