@@ -200,7 +200,7 @@ def test_hub_model_is_fetched_at_the_pinned_revision(tmp_path: Path, data: Path)
     (no network here) that fails as a retryable runtime error naming the model and revision."""
     job = manifest(
         tmp_path / "job.yaml",
-        training=SMALL,
+        training={**SMALL, "pretrained_model": "example-org/tiny-model"},
         model={"hub": {"id": "example-org/tiny-model", "revision": "abc123"}},
     )
     termination = tmp_path / "termination-log"
