@@ -6,6 +6,7 @@ Reconciler the handlers use.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any, cast
@@ -20,12 +21,13 @@ from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
 
 FTJ = (GROUP, VERSION, PLURAL)
+log = logging.getLogger(__name__)
 CHILD_LABELS: dict[str, Any] = {LABEL_UID: kopf.PRESENT}
 RETRY_SECONDS = 60  # a child refused for a reason that may pass (quota, RBAC, a webhook down)
 TICK_SECONDS = 30  # how often a job that has not started is looked at (FailedCreate, lost Job)
 
 
-def not_started(status: kopf.Status, **_: Any) -> bool:
+def not_started(status: Mapping[str, Any]) -> bool:
     return status.get("phase") in (None, "Pending")
 
 
@@ -91,9 +93,41 @@ def reconcile(body: kopf.Body, **_: Any) -> None:
         raise kopf.TemporaryError(failure.describe(), delay=RETRY_SECONDS)
 
 
-@kopf.timer(*FTJ, interval=TICK_SECONDS, initial_delay=TICK_SECONDS, when=not_started)
-def tick(body: kopf.Body, **_: Any) -> None:
-    _reconciler().tick(body)
+# The periodic look at jobs that have not started. Not a kopf timer: kopf puts a finalizer on
+# every object a timer runs for, and FineTuneJobs carry none (deleting one never waits for the
+# operator). An event handler keeps the set of such jobs; one task looks at them in turn.
+_not_started: dict[tuple[str, str], None] = {}
+
+
+@kopf.on.event(*FTJ)
+def track_not_started(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    key = (body.metadata.namespace or "", body.metadata.name or "")
+    if event.get("type") != "DELETED" and not_started(body.status):
+        _not_started[key] = None
+    else:
+        _not_started.pop(key, None)
+
+
+async def _tick_forever() -> None:
+    while True:
+        await asyncio.sleep(TICK_SECONDS)
+        for namespace, name in list(_not_started):
+            try:
+                await asyncio.to_thread(_reconciler().tick, namespace, name)
+            except Exception:  # one job's trouble never stops the others' checks
+                log.exception("periodic check of %s/%s failed", namespace, name)
+
+
+@kopf.on.startup()
+async def start_ticker(memo: kopf.Memo, **_: Any) -> None:
+    memo["ticker"] = asyncio.create_task(_tick_forever())
+
+
+@kopf.on.cleanup()
+async def stop_ticker(memo: kopf.Memo, **_: Any) -> None:
+    ticker = memo.get("ticker")
+    if ticker is not None:
+        ticker.cancel()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

@@ -109,8 +109,8 @@ class Reconciler:
         """A child changed: recompute the owner's status; `heal` (the periodic check, or
         "deleted": a child was deleted) also re-creates missing children, as reconcile does."""
         body = self.kube.get_finetunejob(namespace, name)
-        if body is None:
-            return
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # gone or going: garbage collection is removing its children
         if heal == "deleted" and _refused(body):
             # The deletion is the roll-back of a refused pass: retrying on its events would loop
             # at event speed. The status already says why; kopf (for a refusal that may pass),
@@ -127,12 +127,11 @@ class Reconciler:
             if spec is not None:
                 self._refresh(body, spec, gpu_requirement(spec, self.settings))
 
-    def tick(self, body: Mapping[str, Any]) -> None:
+    def tick(self, namespace: str, name: str) -> None:
         """Periodic check of a job that has not started: heal a missing Job, refresh the status
         (the Job controller's FailedCreate Events change no object the operator watches)."""
-        meta = body["metadata"]
-        missing = self.kube.get_job(meta["namespace"], builders.job_name(meta["name"])) is None
-        self.refresh(meta["namespace"], meta["name"], heal=missing)
+        missing = self.kube.get_job(namespace, builders.job_name(name)) is None
+        self.refresh(namespace, name, heal=missing)
 
     def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
