@@ -97,19 +97,27 @@ local function not_finite(n)
   return nil
 end
 
--- A whole number as text ("30"; "1.000e+15" from 1e14 on), or nil when the value is not a number.
-local function whole(value)
+-- A value as (magnitude, sign) for the formatters below, or (nil, text) when it is not a finite
+-- number: nil for no number at all, the not_finite text otherwise.
+local function magnitude(value)
   local n = tonumber(value)
   if n == nil then
-    return nil
+    return nil, nil
   end
   if not_finite(n) ~= nil then
-    return not_finite(n)
+    return nil, not_finite(n)
   end
-  local sign = ""
   if n < 0 then
-    sign = "-"
-    n = -n
+    return -n, "-"
+  end
+  return n, ""
+end
+
+-- A whole number as text ("30"; "1.000e+15" from 1e14 on), or nil when the value is not a number.
+local function whole(value)
+  local n, sign = magnitude(value)
+  if n == nil then
+    return sign
   end
   n = n - n % 1
   if n == 0 then
@@ -123,17 +131,9 @@ end
 
 -- A number with three decimals ("1.234"; "1.000e+15" from 1e9 on), or nil when not a number.
 local function decimal3(value)
-  local n = tonumber(value)
+  local n, sign = magnitude(value)
   if n == nil then
-    return nil
-  end
-  if not_finite(n) ~= nil then
-    return not_finite(n)
-  end
-  local sign = ""
-  if n < 0 then
-    sign = "-"
-    n = -n
+    return sign
   end
   local text
   if n < DECIMALS_LIMIT then
