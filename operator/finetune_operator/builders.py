@@ -160,12 +160,18 @@ def trainer_config(
     )
 
 
+# libyaml's emitter when PyYAML has it: the pure-Python one was the costliest step of a job.
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def build_config_map(
     job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
 ) -> V1ConfigMap:
     config = trainer_config(job, spec, requirement)
-    text = yaml.safe_dump(
-        config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+    text = yaml.dump(
+        config.model_dump(mode="json", by_alias=True, exclude_none=True),
+        Dumper=SAFE_DUMPER,
+        sort_keys=False,
     )
     return V1ConfigMap(
         metadata=_metadata(job, config_map_name(job.name)), data={tc.CONFIG_KEY: text}

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -24,11 +26,19 @@ from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
 from finetune_operator.kube import Kube, api_message
 from finetune_operator.observe import JobView, PodView
-from finetune_operator.placement import GpuRequirement, diagnose_unschedulable, gpu_requirement
+from finetune_operator.placement import (
+    GpuNode,
+    GpuRequirement,
+    diagnose_unschedulable,
+    gpu_requirement,
+)
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observation, Transition, derive, finished
 
 log = logging.getLogger(__name__)
+# Children are created concurrently: the requests are independent and the API server is the wait.
+NODES_TTL_SECONDS = 5.0  # how stale the node list behind a "why it waits" message may be
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
@@ -76,6 +86,8 @@ class Reconciler:
         self.events = events
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
+        self._nodes: tuple[float, list[GpuNode]] = (-NODES_TTL_SECONDS - 1, [])
+        self._nodes_guard = threading.Lock()
 
     def _lock(self, uid: str) -> threading.Lock:
         with self._locks_guard:
@@ -150,31 +162,27 @@ class Reconciler:
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> ChildFailure | None:
-        """Create the missing children, all or none: the ConfigMap and the Job (what the spec
-        shapes) are first checked by a server-side dry run, and what this pass created is deleted
-        again if a later child is refused."""
+        """Create the missing children, all or none, in two round trips: first, at once, a
+        server-side dry run of the Job (what the spec shapes most) and the other children; then
+        the Job. What this pass created is deleted again if anything is refused."""
         children = self._children(job, spec, requirement)
-        checked = {id(c) for c in children if child_kind(c) in ("ConfigMap", "Job")}
-        missing = set()
-        for child in children:
-            if id(child) in checked:
-                creatable = self._create(child, dry_run=True)
-                if isinstance(creatable, ChildFailure):
-                    return creatable  # nothing created
-                if creatable:
-                    missing.add(id(child))
-        created: list[Any] = []
-        for child in children:
-            if id(child) in checked and id(child) not in missing:
-                continue
-            outcome = self._create(child)
-            if isinstance(outcome, ChildFailure):
-                for done in reversed(created):
-                    self.kube.delete(done)
-                return outcome
-            if outcome:
-                created.append(child)
-                log.info("created %s %s/%s", child_kind(child), job.namespace, child.metadata.name)
+        *others, job_child = children
+        checked = _POOL.submit(self._create, job_child, dry_run=True)
+        outcomes = [*_POOL.map(self._create, others), checked.result()]
+        created = [c for c, o in zip(others, outcomes, strict=False) if o is True]
+        failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)
+        if failure is None:
+            outcome = self._create(job_child)
+            if outcome is True:
+                created.append(job_child)
+            failure = outcome if isinstance(outcome, ChildFailure) else None
+        if failure is not None:
+            for done in reversed(created):
+                self.kube.delete(done)
+            return failure
+        if created:
+            names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
+            log.info("%s/%s: created %s", job.namespace, job.name, names)
         return None
 
     def _create(self, child: Any, *, dry_run: bool = False) -> bool | ChildFailure:
@@ -210,7 +218,7 @@ class Reconciler:
         if newest is not None and newest.node is not None:
             node = self.kube.gpu_node(newest.node, self.settings.labels)
         elif newest is not None and newest.unschedulable is not None:
-            nodes = self.kube.gpu_nodes(self.settings.labels)
+            nodes = self._gpu_nodes()
             diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
         if job_view is not None:
             self._apply_run_control(job, spec, job_view)
@@ -230,6 +238,16 @@ class Reconciler:
             job_events=job_events,
         )
         self._write_status(body, obs)
+
+    def _gpu_nodes(self) -> list[GpuNode]:
+        """The cluster's GPU nodes, listed at most once per NODES_TTL_SECONDS: every waiting job's
+        refresh reads them, and a thousand waiting jobs must not list a thousand nodes each."""
+        with self._nodes_guard:
+            listed_at, nodes = self._nodes
+            if time.monotonic() - listed_at > NODES_TTL_SECONDS:
+                nodes = self.kube.gpu_nodes(self.settings.labels)
+                self._nodes = (time.monotonic(), nodes)
+            return nodes
 
     def _apply_run_control(self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView) -> None:
         """Honour spec.suspend live through the Job's own suspend. (The Job's pod failure policy
