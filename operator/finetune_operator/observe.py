@@ -51,6 +51,7 @@ class PodView:
     disruption: str | None = None  # why the pod was disrupted (evicted, preempted, drained)
     waiting_reason: str | None = None  # a container waiting to start: ImagePullBackOff, ...
     waiting_message: str | None = None
+    claims: tuple[str, ...] = ()  # the ResourceClaims Kubernetes made for the pod (DRA)
 
     @classmethod
     def from_api(cls, pod: Any) -> PodView:
@@ -95,6 +96,11 @@ class PodView:
             disruption=disruption,
             waiting_reason=waiting_reason,
             waiting_message=waiting_message,
+            claims=tuple(
+                c.resource_claim_name
+                for c in pod.status.resource_claim_statuses or []
+                if c.resource_claim_name
+            ),
         )
 
     @property

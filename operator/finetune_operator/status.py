@@ -19,6 +19,7 @@ from finetune_api.resource import (
     Result,
 )
 from finetune_operator.children import ChildFailure
+from finetune_operator.dra import Allocation
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
 
@@ -37,6 +38,7 @@ class Observation:
     pods: tuple[PodView, ...] = ()
     node: GpuNode | None = None  # the node the newest pod is bound to
     diagnosis: Diagnosis | None = None  # why the newest pod cannot be scheduled
+    allocation: Allocation | None = None  # DRA: the devices the newest pod's claim was given
     suspend: bool = False
     spec_changed: bool = False
     adapter_uri: str | None = None
@@ -131,10 +133,15 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
             placement.node_compute_capability = (
                 str(obs.node.capability) if obs.node.capability else None
             )
+        if obs.allocation is not None:
+            placement.resource_claim = obs.allocation.claim
+            placement.gpu_devices = obs.allocation.refs
     elif previous is not None and previous.node is not None:
         placement.node = previous.node
         placement.gpu_product = previous.gpu_product
         placement.node_compute_capability = previous.node_compute_capability
+        placement.resource_claim = previous.resource_claim
+        placement.gpu_devices = previous.gpu_devices
     return placement
 
 
@@ -317,7 +324,10 @@ def _active(
     where = pod.node
     if obs.node is not None and obs.node.capability is not None:
         where += f" ({obs.node.capability} {obs.node.product})"
-    b.set(ConditionType.SCHEDULED, "True", "Bound", f"bound to node {where}")
+    bound = f"bound to node {where}"
+    if obs.allocation is not None and obs.allocation.devices:
+        bound += f", devices {', '.join(obs.allocation.refs)} (claim {obs.allocation.claim})"
+    b.set(ConditionType.SCHEDULED, "True", "Bound", bound)
     return _on_node(b, obs, status, pod, where)
 
 
