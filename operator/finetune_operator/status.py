@@ -126,6 +126,11 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
         estimated_gpu_memory_mib=requirement.memory.required_mib if requirement.memory else None,
     )
     newest = _newest(obs.pods)
+    # What was seen of the same placement stays when it can no longer be read (a DRA claim is
+    # deallocated once its pod has finished; a node may be gone).
+    same = None
+    if previous is not None and newest is not None and previous.node == newest.node:
+        same = previous
     if newest is not None and newest.node is not None:
         placement.node = newest.node
         if obs.node is not None:
@@ -133,9 +138,15 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
             placement.node_compute_capability = (
                 str(obs.node.capability) if obs.node.capability else None
             )
+        elif same is not None:
+            placement.gpu_product = same.gpu_product
+            placement.node_compute_capability = same.node_compute_capability
         if obs.allocation is not None:
             placement.resource_claim = obs.allocation.claim
             placement.gpu_devices = obs.allocation.refs
+        elif same is not None:
+            placement.resource_claim = same.resource_claim
+            placement.gpu_devices = same.gpu_devices
     elif previous is not None and previous.node is not None:
         placement.node = previous.node
         placement.gpu_product = previous.gpu_product

@@ -268,6 +268,21 @@ def test_status_records_the_claim_and_devices() -> None:
     )
     dumped = status.model_dump(mode="json", by_alias=True, exclude_none=True)
     assert dumped["placement"]["gpuDevices"] == ["n1/gpu-0", "n1/gpu-1"]
+    # the pod finished and its claim was deallocated: what was seen stays
+    done = PodView(
+        "p1", "2026-01-01T00:00:00Z", "n1", "Succeeded", None, "2026-01-01T00:00:05Z",
+        "2026-01-01T00:01:00Z", 0, None, claims=("llama-sft-train-abcde-gpus-q8z2m",),
+    )  # fmt: skip
+    finished, _ = derive(
+        status,
+        Observation(
+            generation=1, now="t2", requirement=observation.requirement, job=job, pods=(done,)
+        ),
+    )
+    assert finished.placement is not None
+    assert finished.placement.gpu_devices == ["n1/gpu-0", "n1/gpu-1"]
+    assert finished.placement.gpu_product == "NVIDIA H100 80GB HBM3"
+    assert finished.placement.resource_claim == placement.resource_claim
     # the pod is gone (e.g. finished and cleaned up): the placement is kept
     later, _ = derive(
         status, Observation(generation=1, now="t", requirement=observation.requirement, job=job)
