@@ -35,11 +35,11 @@ test-integration: setup ## Tests on the local control plane
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
 
-# The CRD, placement and lifecycle tests on the oldest supported Kubernetes.
+# The CRD, placement (device plugin and DRA) and lifecycle tests on the oldest supported Kubernetes.
 OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_lifecycle.py \
 	tests/integration/test_placement.py \
 	tests/integration/test_cel_agreement.py tests/integration/test_job_api.py \
-	tests/integration/test_faults.py
+	tests/integration/test_faults.py tests/integration/test_dra.py
 
 test-oldest: ## CRD, placement and lifecycle tests on the oldest supported Kubernetes
 	KUBE_VERSION=$(KUBE_VERSION_OLDEST) hack/setup.sh

@@ -42,6 +42,11 @@ def configure(settings: Settings) -> None:
     load_config()
     _state["settings"] = settings
     _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+    if settings.dra:
+        # The ResourceClaimTemplate is a child only with DRA (and the chart's RBAC has it then).
+        kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=CHILD_LABELS)(
+            child_changed
+        )
     if settings.webhook:
         # kopf refuses to start with admission handlers but no server: register only when served.
         kopf.on.validate(*FTJ, id="spec", operations=["CREATE", "UPDATE"], ignore_failures=True)(

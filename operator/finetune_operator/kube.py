@@ -9,7 +9,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
+from finetune_operator import dra
 from finetune_operator.builders import LABEL_UID
+from finetune_operator.dra import GpuDevice
 from finetune_operator.placement import GpuNode
 from finetune_operator.settings import GpuLabels
 
@@ -74,6 +76,7 @@ class Kube:
         self.batch = client.BatchV1Api(self.api)
         self.rbac = client.RbacAuthorizationV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.resource = client.ResourceV1Api(self.api)
 
     def _creator(self, obj: Any) -> Any:
         creators = {
@@ -82,6 +85,7 @@ class Kube:
             "V1Role": self.rbac.create_namespaced_role,
             "V1RoleBinding": self.rbac.create_namespaced_role_binding,
             "V1Job": self.batch.create_namespaced_job,
+            "V1ResourceClaimTemplate": self.resource.create_namespaced_resource_claim_template,
         }
         return creators[type(obj).__name__]
 
@@ -105,6 +109,7 @@ class Kube:
             "V1Role": self.rbac.delete_namespaced_role,
             "V1RoleBinding": self.rbac.delete_namespaced_role_binding,
             "V1Job": self.batch.delete_namespaced_job,
+            "V1ResourceClaimTemplate": self.resource.delete_namespaced_resource_claim_template,
         }
         try:
             _drain(
@@ -191,3 +196,22 @@ class Kube:
             GpuNode.from_labels(n["metadata"]["name"], n["metadata"].get("labels") or {}, labels)
             for n in nodes["items"]
         ]
+
+    def get_resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ResourceClaim as the API server sends it (camelCase), or None when it is gone."""
+        try:
+            claim: dict[str, Any] = _json(
+                self.resource.read_namespaced_resource_claim(name, namespace, **RAW)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return claim
+
+    def gpu_devices(self) -> list[GpuDevice]:
+        """The full GPUs in the NVIDIA DRA driver's ResourceSlices."""
+        response = self.resource.list_resource_slice(
+            field_selector=f"spec.driver={dra.DRIVER}", **RAW
+        )
+        return dra.gpus_in_slices(_json(response).get("items") or [])

@@ -44,6 +44,7 @@ class PodView:
     disruption: str | None = None  # why the pod was disrupted (evicted, preempted, drained)
     waiting_reason: str | None = None  # a container waiting to start: ImagePullBackOff, ...
     waiting_message: str | None = None
+    claims: tuple[str, ...] = ()  # the ResourceClaims Kubernetes made for the pod (DRA)
 
     @classmethod
     def from_api(cls, pod: Mapping[str, Any]) -> PodView:
@@ -90,6 +91,11 @@ class PodView:
             disruption=disruption,
             waiting_reason=waiting_reason,
             waiting_message=waiting_message,
+            claims=tuple(
+                c["resourceClaimName"]
+                for c in status.get("resourceClaimStatuses") or []
+                if c.get("resourceClaimName")
+            ),
         )
 
     @property

@@ -21,12 +21,14 @@ from pydantic import ValidationError
 
 from finetune_api.errors import format_validation_error
 from finetune_api.resource import ConditionType, FineTuneJobSpec, FineTuneJobStatus
-from finetune_operator import builders
+from finetune_operator import builders, dra
 from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
+from finetune_operator.dra import Allocation
 from finetune_operator.kube import Kube, api_message
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import (
+    Diagnosis,
     GpuNode,
     GpuRequirement,
     diagnose_unschedulable,
@@ -156,6 +158,8 @@ class Reconciler:
                 builders.build_role_binding(job),
             ]
         children.append(builders.build_config_map(job, spec, requirement))
+        if self.settings.dra:
+            children.append(builders.build_resource_claim_template(job, spec, requirement))
         children.append(builders.build_job(job, spec, requirement, self.settings))
         return children
 
@@ -214,8 +218,10 @@ class Reconciler:
         if job_view is not None and not pods:
             job_events = tuple(self.kube.job_events(job.namespace, job_view.name))
         newest = max(pods, key=lambda p: (p.created, p.name), default=None)
-        node = diagnosis = None
-        if newest is not None and newest.node is not None:
+        node = diagnosis = allocation = None
+        if newest is not None and self.settings.dra:
+            node, diagnosis, allocation = self._dra_placement(job.namespace, requirement, newest)
+        elif newest is not None and newest.node is not None:
             node = self.kube.gpu_node(newest.node, self.settings.labels)
         elif newest is not None and newest.unschedulable is not None:
             nodes = self._gpu_nodes()
@@ -230,6 +236,7 @@ class Reconciler:
             pods=pods,
             node=node,
             diagnosis=diagnosis,
+            allocation=allocation,
             suspend=spec.suspend,
             spec_changed=job_view is not None and job_view.spec_hash != builders.spec_hash(spec),
             adapter_uri=spec.output.uri,
@@ -248,6 +255,30 @@ class Reconciler:
                 nodes = self.kube.gpu_nodes(self.settings.labels)
                 self._nodes = (time.monotonic(), nodes)
             return nodes
+
+    def _dra_placement(
+        self, namespace: str, requirement: GpuRequirement, pod: PodView
+    ) -> tuple[GpuNode | None, Diagnosis | None, Allocation | None]:
+        """DRA: the devices the pod's claim was allocated once it is bound; while it cannot be
+        placed, why, against the GPUs the ResourceSlices offer."""
+        if pod.node is None and pod.unschedulable is None:
+            return None, None, None
+        offered = self.kube.gpu_devices()
+        if pod.node is None:
+            diagnosis = diagnose_unschedulable(
+                requirement,
+                [d.as_gpu() for d in offered],
+                pod.unschedulable or "",
+                noun="devices",
+                none=dra.NO_DEVICES,
+            )
+            return None, diagnosis, None
+        for name in pod.claims:
+            claim = self.kube.get_resource_claim(namespace, name)
+            found = dra.allocation(claim, offered) if claim is not None else None
+            if found is not None:
+                return found.summary(pod.node), None, found
+        return None, None, None
 
     def _apply_run_control(self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView) -> None:
         """Honour spec.suspend live through the Job's own suspend. (The Job's pod failure policy
