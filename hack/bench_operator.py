@@ -206,6 +206,48 @@ def summary(ms: list[float]) -> dict[str, float]:
     }
 
 
+def controllers(kubeconfig: Path) -> dict[str, list[str]]:
+    """What runs in each phase, by the namespace prefix it serves."""
+    hack = REPO / "hack"
+    return {
+        "floor": [sys.executable, str(hack / "bench_floor.py"), str(kubeconfig), "floor-"],
+        "kopf": [sys.executable, str(hack / "bench_kopf_floor.py"), "kopf-*"],
+        "op": [sys.executable, "-m", "finetune_operator.main", "--namespace", "op-*"],
+    }
+
+
+def phase(
+    bench: Bench, name: str, argv: list[str], args: argparse.Namespace, root: Path
+) -> dict[str, Any]:
+    """Start one controller, let it idle, then the spaced jobs and the burst; stop it."""
+    log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child process
+    env = {**os.environ, "KUBECONFIG": str(bench.cluster.kubeconfig)}
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+    profiler = None
+    try:
+        time.sleep(8)  # started, caches filled, idle
+        _, rss_idle = proc_usage(proc.pid)
+        latency = bench.latency(bench.namespace(f"{name}-lat"), args.latency_jobs, args.spacing)
+        if args.profile and name == "op":  # py-spy, sampling the operator through the burst
+            profiler = subprocess.Popen(
+                ["py-spy", "record", "--nonblocking", "--format", "raw", "-o",
+                 str(args.profile), "--pid", str(proc.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+        burst = bench.burst(bench.namespace(f"{name}-burst"), args.burst, proc.pid)
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait(timeout=60)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return {"latency": summary(latency), "burst": burst, "rss_idle_mib": round(rss_idle, 1)}
+
+
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cluster = LocalCluster(root / "cluster").start()
     try:
@@ -214,79 +256,83 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             check=True,
             capture_output=True,
         )
-        api = config.new_client_from_config(str(cluster.kubeconfig))
-        bench = Bench(cluster, api)
+        bench = Bench(cluster, config.new_client_from_config(str(cluster.kubeconfig)))
         time.sleep(2)  # the CRD is served and the watches are open
-        env = {"KUBECONFIG": str(cluster.kubeconfig)}
-        floor = subprocess.Popen(
-            [
-                sys.executable,
-                str(REPO / "hack" / "bench_floor.py"),
-                str(cluster.kubeconfig),
-                "floor",
-            ],
-            stdout=subprocess.PIPE,
-            env={**_env(), **env},
-        )
-        assert floor.stdout is not None
-        floor.stdout.readline()
-        time.sleep(1)
-        floor_ms = bench.latency(bench.namespace("floor"), args.latency_jobs, args.spacing)
-        floor.terminate()
-        floor.wait()
-
-        log = open(root / "operator.log", "wb")  # noqa: SIM115 - handed to the child process
-        operator = subprocess.Popen(
-            [sys.executable, "-m", "finetune_operator.main", "--namespace", "op-*"],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**_env(), **env},
-        )
-        try:
-            time.sleep(8)  # started and idle
-            _, rss_idle = proc_usage(operator.pid)
-            op_ms = bench.latency(bench.namespace("op-lat"), args.latency_jobs, args.spacing)
-            profiler = None
-            if args.profile:  # py-spy, sampling the operator through the burst
-                profiler = subprocess.Popen(
-                    ["py-spy", "record", "--nonblocking", "--format", "raw", "-o",
-                     str(args.profile), "--pid", str(operator.pid)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-            burst = bench.burst(bench.namespace("op-burst"), args.burst, operator.pid)
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                profiler.wait(timeout=60)
-        finally:
-            operator.terminate()
-            try:
-                operator.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                operator.kill()
-                operator.wait()
-        floor_sum, op_sum = summary(floor_ms), summary(op_ms)
-        return {
-            "latency": {
-                "jobs": args.latency_jobs,
-                "spacing_s": args.spacing,
-                "floor": floor_sum,
-                "operator": op_sum,
-                "p50_ratio": round(op_sum["p50_ms"] / floor_sum["p50_ms"], 2),
-                "p99_ratio": round(op_sum["p99_ms"] / floor_sum["p99_ms"], 2),
-            },
-            "burst": burst,
-            "rss_idle_mib": round(rss_idle, 1),
+        phases = {
+            name: phase(bench, name, argv, args, root)
+            for name, argv in controllers(cluster.kubeconfig).items()
         }
     finally:
         cluster.stop()
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ)
+    floor, kopf_floor, op = phases["floor"], phases["kopf"], phases["op"]
+    return {
+        "latency": {
+            "jobs": args.latency_jobs,
+            "spacing_s": args.spacing,
+            "floor": floor["latency"],
+            "kopf_floor": kopf_floor["latency"],
+            "operator": op["latency"],
+            "p50_ratio": round(op["latency"]["p50_ms"] / floor["latency"]["p50_ms"], 2),
+            "p99_ratio": round(op["latency"]["p99_ms"] / floor["latency"]["p99_ms"], 2),
+            "kopf_floor_p50_ratio": round(
+                kopf_floor["latency"]["p50_ms"] / floor["latency"]["p50_ms"], 2
+            ),
+        },
+        "burst": op["burst"],
+        "floor_burst": floor["burst"],
+        "kopf_floor_burst": kopf_floor["burst"],
+        "rss_idle_mib": op["rss_idle_mib"],
+        "kopf_floor_rss_idle_mib": kopf_floor["rss_idle_mib"],
+    }
 
 
 def _not_logs(folder: str, names: list[str]) -> list[str]:
     return [n for n in names if n in ("etcd", "pki")]
+
+
+# The issue's targets, as (what, figure, limit, whether lower is better).
+def targets(result: dict[str, Any]) -> list[tuple[str, float, float, bool]]:
+    lat, burst = result["latency"], result["burst"]
+    per_1000 = 1000 / burst["jobs"]
+    grown = (burst["rss_after_mib"] - burst["rss_before_mib"]) * per_1000
+    return [
+        ("apply->Job p50, x the bare client", lat["p50_ratio"], 2.0, True),
+        ("apply->Job p99, x the bare client", lat["p99_ratio"], 3.0, True),
+        ("burst: Jobs per second", burst["jobs_per_second"], 40.0, False),
+        (
+            "burst: every status written, s per 1,000",
+            burst["all_status_seconds"] * per_1000,
+            30,
+            True,
+        ),
+        ("burst: operator CPU-s per 1,000 jobs", burst["cpu_seconds"] * per_1000, 20.0, True),
+        ("operator RSS idle, MiB", result["rss_idle_mib"], 150.0, True),
+        ("operator RSS growth per 1,000 jobs, MiB", grown, 50.0, True),
+        ("burst: duplicate Jobs", burst["duplicates"], 0, True),
+    ]
+
+
+def table(result: dict[str, Any]) -> str:
+    lat = result["latency"]
+    lines = [f"apply->Job over {lat['jobs']} jobs {lat['spacing_s']} s apart, and a burst:"]
+    for what, key, burst in (
+        ("bare client", "floor", "floor_burst"),
+        ("kopf, create only", "kopf_floor", "kopf_floor_burst"),
+        ("operator", "operator", "burst"),
+    ):
+        b = result[burst]
+        lines.append(
+            f"  {what:18} p50 {lat[key]['p50_ms']:8.1f} ms  p99 {lat[key]['p99_ms']:8.1f} ms  "
+            f"burst {b['jobs_per_second']:6.1f} Jobs/s  {b['cpu_seconds']:6.1f} CPU-s"
+        )
+    lines += [
+        f"{'measure':44} {'figure':>10} {'target':>8}  met",
+    ]
+    for what, figure, limit, lower in targets(result):
+        met = figure <= limit if lower else figure >= limit
+        bound = "<=" if lower else ">="
+        lines.append(f"{what:44} {figure:10.1f} {bound}{limit:6.0f}  {'yes' if met else 'NO'}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if args.keep_logs:
                 shutil.copytree(root, args.keep_logs, dirs_exist_ok=True, ignore=_not_logs)
+    result["met"] = {
+        what: (figure <= limit if lower else figure >= limit)
+        for what, figure, limit, lower in targets(result)
+    }
+    print(table(result))
     print(json.dumps({"operator": result}))
     return 0
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from finetune_operator.status import Observation, Transition, derive, finished
 
 log = logging.getLogger(__name__)
 # Children are created concurrently: the requests are independent and the API server is the wait.
-NODES_TTL_SECONDS = 5.0  # how stale the node list behind a "why it waits" message may be
+SHAPED = ("ConfigMap", "ResourceClaimTemplate", "Job")  # what the spec shapes: dry-run first
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
@@ -88,8 +87,6 @@ class Reconciler:
         self.events = events
         self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._locks_guard = threading.Lock()
-        self._nodes: tuple[float, list[GpuNode]] = (-NODES_TTL_SECONDS - 1, [])
-        self._nodes_guard = threading.Lock()
 
     def _lock(self, uid: str) -> threading.Lock:
         with self._locks_guard:
@@ -166,24 +163,28 @@ class Reconciler:
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> ChildFailure | None:
-        """Create the missing children, all or none, in two round trips: first, at once, a
-        server-side dry run of the Job (what the spec shapes most) and the other children; then
-        the Job. What this pass created is deleted again if anything is refused."""
+        """Create the missing children, all or none, in three round trips of concurrent requests:
+        a server-side dry run of what the spec shapes (the ConfigMap, the ResourceClaimTemplate in
+        DRA mode, the Job), then the children the Job's pods need, then the Job. A refused dry run
+        creates nothing; what a pass created is deleted again if a later child is refused."""
         children = self._children(job, spec, requirement)
-        *others, job_child = children
-        checked = _POOL.submit(self._create, job_child, dry_run=True)
-        outcomes = [*_POOL.map(self._create, others), checked.result()]
-        created = [c for c, o in zip(others, outcomes, strict=False) if o is True]
-        failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)
-        if failure is None:
-            outcome = self._create(job_child)
-            if outcome is True:
-                created.append(job_child)
-            failure = outcome if isinstance(outcome, ChildFailure) else None
+        shaped = [c for c in children if child_kind(c) in SHAPED]
+        checks = list(_POOL.map(lambda c: self._create(c, dry_run=True), shaped))
+        failure = next((o for o in checks if isinstance(o, ChildFailure)), None)
         if failure is not None:
-            for done in reversed(created):
-                self.kube.delete(done)
-            return failure
+            return failure  # nothing created
+        exists = {id(c) for c, o in zip(shaped, checks, strict=True) if o is False}
+        todo = [c for c in children if id(c) not in exists]
+        jobs = [c for c in todo if child_kind(c) == "Job"]
+        created: list[Any] = []
+        for stage in ([c for c in todo if child_kind(c) != "Job"], jobs):
+            outcomes = list(_POOL.map(self._create, stage))
+            created += [c for c, o in zip(stage, outcomes, strict=True) if o is True]
+            failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)
+            if failure is not None:
+                for done in reversed(created):
+                    self.kube.delete(done)
+                return failure
         if created:
             names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
             log.info("%s/%s: created %s", job.namespace, job.name, names)
@@ -224,7 +225,7 @@ class Reconciler:
         elif newest is not None and newest.node is not None:
             node = self.kube.gpu_node(newest.node, self.settings.labels)
         elif newest is not None and newest.unschedulable is not None:
-            nodes = self._gpu_nodes()
+            nodes = self.kube.gpu_nodes(self.settings.labels)
             diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
         if job_view is not None:
             self._apply_run_control(job, spec, job_view)
@@ -245,16 +246,6 @@ class Reconciler:
             job_events=job_events,
         )
         self._write_status(body, obs)
-
-    def _gpu_nodes(self) -> list[GpuNode]:
-        """The cluster's GPU nodes, listed at most once per NODES_TTL_SECONDS: every waiting job's
-        refresh reads them, and a thousand waiting jobs must not list a thousand nodes each."""
-        with self._nodes_guard:
-            listed_at, nodes = self._nodes
-            if time.monotonic() - listed_at > NODES_TTL_SECONDS:
-                nodes = self.kube.gpu_nodes(self.settings.labels)
-                self._nodes = (time.monotonic(), nodes)
-            return nodes
 
     def _dra_placement(
         self, namespace: str, requirement: GpuRequirement, pod: PodView
