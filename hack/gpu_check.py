@@ -586,7 +586,7 @@ def summarize_run(result: dict[str, Any], settings: Settings, output: Path) -> N
         resolved = data.get("resolved", {})
         result["final_loss"] = data.get("final_loss")
         result["loaded_quantization"] = resolved.get("quantization")
-        result["peft"] = {k: v for k, v in (resolved.get("peft") or {}).items() if k != "loftq"}
+        result["peft"] = dict(resolved.get("peft") or {})
 
 
 # --- the report ----------------------------------------------------------------------------

@@ -387,8 +387,9 @@ class TrainingHyperparams(RuledModel):
             description=(
                 "Parameter-efficient fine-tuning method. With quantize_model false every value "
                 "trains plain LoRA; with quantize_model true the quantized base is prepared for "
-                "k-bit training (QLoRA), and exactly 'loftq' (lower case) starts the adapter from "
-                "LoftQ. The usual values are 'lora', 'QLORA' and 'loftq'."
+                "k-bit training (QLoRA), and exactly 'loftq' (lower case) asks for LoftQ, which "
+                "trains QLoRA, as in Safe Synthesizer (peft drops its LoftQConfig). The usual "
+                "values are 'lora', 'QLORA' and 'loftq'."
             ),
         ),
     ] = "QLORA"
@@ -500,8 +501,9 @@ class TrainingHyperparams(RuledModel):
     @property
     def peft_method(self) -> Literal["lora", "qlora", "loftq"]:
         """The adapter training builds, decided the way Safe Synthesizer decides it: LoRA on an
-        unquantized base whatever peft_implementation says; on a quantized base QLoRA, or LoftQ
-        when peft_implementation is exactly 'loftq'."""
+        unquantized base whatever peft_implementation says; on a quantized base QLoRA, or 'loftq'
+        when peft_implementation is exactly 'loftq' (which trains QLoRA too, as there: see
+        finetune_trainer.adapters)."""
         if not self.quantize_model:
             return "lora"
         return "loftq" if self.peft_implementation == "loftq" else "qlora"

@@ -3,7 +3,10 @@
 The estimate adds up, in bytes:
 
 * frozen base weights: the transformer blocks' linear layers at the scheme's effective bits (plus
-  the scheme's scale overhead), everything else (embeddings, untied LM head, norms) in bf16;
+  the scheme's scale overhead), everything else (embeddings, untied LM head, norms) in bf16, or
+  in float32 on a quantized base that peft's `prepare_model_for_kbit_training` upcasts (the
+  trainer prepares every quantized base so, as Safe Synthesizer does; torchao's nvfp4 is left
+  as loaded);
 * LoRA parameters: fp32 weights + fp32 gradients + AdamW's two fp32 moments = 16 bytes each;
 * activations, with gradient checkpointing: one bf16 hidden state per layer per token kept, one
   layer recomputed at a time (~34 hidden-size tensors per token), and the fp32 logits of the LM
@@ -76,7 +79,7 @@ class ModelShape:
 
     @property
     def non_block_parameters(self) -> int:
-        """Embeddings and an untied LM head: kept in bf16 by every scheme."""
+        """Embeddings and an untied LM head: no scheme quantizes them (see non_block_bytes)."""
         return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
 
 
@@ -145,6 +148,12 @@ class MemoryEstimate:
         return math.ceil(self.used_mib / self.max_vram_fraction)
 
 
+def non_block_bytes(scheme: QuantizationScheme | None) -> int:
+    """Bytes per embedding / LM head parameter: bf16 as loaded, float32 once
+    prepare_model_for_kbit_training has upcast them (every quantized base but torchao's)."""
+    return 2 if scheme in (None, QuantizationScheme.NVFP4) else 4
+
+
 def estimate_memory(spec: FineTuneJobSpec, shape: ModelShape) -> MemoryEstimate | None:
     """The per-GPU estimate, or None when max_vram_fraction is 0 (no budget to divide)."""
     training = spec.training
@@ -154,7 +163,7 @@ def estimate_memory(spec: FineTuneJobSpec, shape: ModelShape) -> MemoryEstimate 
     total_params = shape.parameters_billions * 1e9
     non_block = shape.non_block_parameters
     block_linear = max(total_params - non_block, 0.0)
-    base_bytes = block_linear * STORAGE_BITS[scheme] / 8 + non_block * 2
+    base_bytes = block_linear * STORAGE_BITS[scheme] / 8 + non_block * non_block_bytes(scheme)
 
     shapes = shape.projection_shapes()
     fallback = (shape.hidden, shape.hidden)

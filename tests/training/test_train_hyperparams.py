@@ -87,7 +87,14 @@ def test_steps_batch_and_optimizer(explicit_run: tuple[Run, Any]) -> None:
     assert args.max_steps == math.ceil(60 / (2 * 3)) == 10
     assert args.per_device_train_batch_size == 2
     assert args.gradient_accumulation_steps == 3
-    assert args.optim.value == "adamw_torch"
+    # Safe Synthesizer's fixed TrainingArguments (FIXED_RUNTIME_TRAINING_ARGS and
+    # gradient_checkpointing=True with transformers' default kwargs)
+    assert args.optim.value == "paged_adamw_32bit"
+    assert args.activation_checkpointing is True
+    assert args.activation_checkpointing_kwargs is None
+    assert args.per_device_eval_batch_size == 2
+    assert (args.max_grad_norm, args.seed) == (1.0, 42)
+    assert args.ddp_find_unused_parameters is False
     assert args.lr_scheduler_type.value == "linear"
     assert args.warmup_steps == 0.25  # handed over as Safe Synthesizer hands it over
     assert args.get_warmup_steps(10) == math.ceil(0.25 * 10) == 3
@@ -106,6 +113,11 @@ def test_weight_decay_reaches_the_optimizer(explicit_run: tuple[Run, Any]) -> No
     state = torch.load(final_checkpoint(run) / "optimizer.pt", weights_only=False)
     decayed = [g for g in state["param_groups"] if g["params"]]
     assert [g["weight_decay"] for g in decayed] == [0.07]
+    # bitsandbytes' 32-bit AdamW saved it: its moments are state1/state2 in its own entry
+    # (torch's AdamW would have exp_avg/exp_avg_sq), in float32, one pair per LoRA matrix
+    moments = [m["__bnb_optimizer_quant_state__"] for m in state["state"].values()]
+    assert len(moments) == 2 * 2 * 2
+    assert all(m["state1"].dtype == m["state2"].dtype == torch.float32 for m in moments)
     assert len(decayed[0]["params"]) == 2 * 2 * 2  # (A, B) x (q_proj, up_proj) x 2 layers
     assert decayed[0]["initial_lr"] == 0.003
 
@@ -149,6 +161,8 @@ def test_lora_rank_alpha_and_targets(explicit_run: tuple[Run, Any], tiny_model: 
     run, _ = explicit_run
     config = json.loads((run.output / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 5)  # int(1.3 x 4), not 5.2
+    # Safe Synthesizer's use_rslora, and peft's defaults it keeps
+    assert (config["use_rslora"], config["lora_dropout"], config["bias"]) == (True, 0.0, "none")
     assert sorted(config["target_modules"]) == ["q_proj", "up_proj"]
     with safe_open(str(run.output / "adapter_model.safetensors"), "pt") as weights:
         names = list(weights.keys())
@@ -166,7 +180,7 @@ def test_lora_rank_alpha_and_targets(explicit_run: tuple[Run, Any], tiny_model: 
     assert adapted == {"q_proj", "up_proj"}
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.r["default"] == 4
-    assert layer.scaling["default"] == 5 / 4  # alpha / r with Safe Synthesizer's alpha
+    assert layer.scaling["default"] == 5 / math.sqrt(4)  # rsLoRA: alpha / sqrt(r)
 
 
 def test_rope_and_attention_as_loaded(explicit_run: tuple[Run, Any]) -> None:

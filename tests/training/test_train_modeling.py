@@ -1,6 +1,7 @@
 """Model loading and the adapter on the tiny Llama, through the trainer's own helpers: RoPE
-scaling as the loaded model computes it, the attention implementation, what QLoRA prepares, and
-LoftQ's initialisation, and custom model code only when trusted."""
+scaling as the loaded model computes it, the attention implementation, the base and the LoRA
+config as Safe Synthesizer prepares them (loftq included), and custom model code only when
+trusted."""
 
 from __future__ import annotations
 
@@ -88,8 +89,17 @@ def test_attention_implementation(tiny_model: TinyModel, attn: str) -> None:
     assert model.config._attn_implementation == attn
 
 
-def gradient_checkpointing(model: Any) -> bool:
-    return bool(model.get_base_model().is_activation_checkpointing)
+def checkpointing(model: Any) -> tuple[bool, dict[str, Any] | None]:
+    """Whether the base model checkpoints its decoder layers, and the kwargs the checkpoint
+    function gets (None: not checkpointed)."""
+    base = model.get_base_model()
+    layer = base.model.layers[0]
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    on = bool(base.is_activation_checkpointing) and bool(layer.gradient_checkpointing)
+    return on, dict(func.keywords) if on and func is not None else None
+
+
+BF16_CPU = Device(gpus=(), bf16=True)  # loads the base in bfloat16, as on a GPU
 
 
 @pytest.mark.parametrize(
@@ -102,75 +112,105 @@ def gradient_checkpointing(model: Any) -> bool:
         ),
         # As in Safe Synthesizer, any peft_implementation on a quantized base is QLoRA
         (
-            {"peft_implementation": "lora", "quantize_model": True},
-            QuantizationScheme.BNB_4BIT,
+            {"peft_implementation": "lora", "quantize_model": True, "quantization_bits": 8},
+            QuantizationScheme.BNB_8BIT,
             True,
         ),
         ({"peft_implementation": "QLORA"}, None, False),  # no quantization: plain LoRA
         ({"peft_implementation": "loftq"}, None, False),  # loftq without quantization: LoRA too
     ],
 )
-def test_qlora_prepares_kbit_training_only_on_a_quantized_base(
+def test_the_base_is_prepared_as_safe_synthesizer_prepares_it(
     tiny_model: TinyModel,
     training: dict[str, Any],
     scheme: QuantizationScheme | None,
     prepared: bool,
 ) -> None:
+    """Safe Synthesizer's maybe_quantize: a quantized base goes through peft's
+    prepare_model_for_kbit_training(use_gradient_checkpointing=True) (its unquantized weights
+    upcast to float32, checkpointing with the kwargs it passes: none); a plain base gets
+    gradient_checkpointing_enable() (transformers' default: non-reentrant), inputs that require
+    grad and no KV cache. The base loads in bfloat16, as on a GPU, so the upcast shows."""
+    import torch
 
     training = {**training, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]}
     job = spec(training)
-    model, details = apply_peft(
-        load(tiny_model, job, scheme), job.training, scheme, str(tiny_model.path)
-    )
+    source = ModelSource(str(tiny_model.path), "tiny")
+    config, _ = load_config(source, job)
+    base = load_model(source, job, config, BF16_CPU, scheme)
+    model, details = apply_peft(base, job.training)
     assert details["kbit_prepared"] is prepared
-    assert gradient_checkpointing(model) is prepared
+    on, kwargs = checkpointing(model)
+    assert on
+    assert kwargs == ({} if prepared else {"use_reentrant": False})
+    inner = model.get_base_model()
+    assert inner.config.use_cache is False
+    assert getattr(inner, "_require_grads_hook", None) is not None  # the embeddings' output
+    norm = inner.model.layers[0].input_layernorm.weight
+    assert norm.dtype == (torch.float32 if prepared else torch.bfloat16)
+    assert inner.model.embed_tokens.weight.dtype == norm.dtype
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 
 
-@pytest.mark.parametrize("scheme", [QuantizationScheme.BNB_4BIT, QuantizationScheme.BNB_8BIT])
-def test_loftq_reduces_the_quantization_error(
-    tiny_model: TinyModel, scheme: QuantizationScheme
-) -> None:
+def test_lora_config_is_safe_synthesizers(tiny_model: TinyModel) -> None:
+    """The LoraConfig Safe Synthesizer builds: rank-stabilised scaling (alpha / sqrt(r)), and
+    peft's defaults for what it does not set: dropout 0, no bias, B starting at zero."""
+    import math
+
     import torch
 
-    from finetune_trainer.loftq import dequantize
+    job = spec({"lora_r": 16, "lora_alpha_over_r": 1.5, "lora_target_modules": ["q_proj"]})
+    model, details = apply_peft(load(tiny_model, job), job.training)
+    config = model.peft_config["default"]
+    assert (config.r, config.lora_alpha, config.use_rslora) == (16, 24, True)
+    assert (config.lora_dropout, config.bias, config.init_lora_weights) == (0.0, "none", True)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == 24 / math.sqrt(16)
+    assert isinstance(layer.lora_dropout["default"], torch.nn.Identity)  # dropout 0
+    assert torch.all(layer.lora_B["default"].weight == 0)
+    assert (details["use_rslora"], details["lora_dropout"]) == (True, 0.0)
 
-    training = {
-        "peft_implementation": "loftq",
-        "quantize_model": True,
-        "quantization_scheme": scheme.value,
-        "lora_r": 8,
-        "lora_alpha_over_r": 2.0,
-        "lora_target_modules": ["q_proj", "down_proj"],
-    }
-    job = spec(training)
-    model, details = apply_peft(
-        load(tiny_model, job, scheme), job.training, scheme, str(tiny_model.path)
-    )
-    assert details["loftq"]["layers"] == 4
-    assert details["loftq"]["mean_error_after"] < details["loftq"]["mean_error_before"]
 
-    # Check one layer independently: W ~ dequantized + scaling * B @ A, better than dequantized.
-    from safetensors import safe_open
+def test_loftq_trains_qlora_as_in_safe_synthesizer(
+    tiny_model: TinyModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Safe Synthesizer passes LoftQConfig with init_lora_weights=True, which peft drops: the
+    adapter of a loftq job is the QLoRA adapter, the same matrices from the same seed."""
+    import torch
+    from transformers import set_seed
 
-    layer = model.base_model.model.model.layers[1].mlp.down_proj
-    with safe_open(str(tiny_model.path / "model.safetensors"), "pt") as weights:
-        original = weights.get_tensor("model.layers.1.mlp.down_proj.weight").float()
-    quantized = dequantize(layer.get_base_layer())
-    correction = layer.scaling["default"] * (
-        layer.lora_B["default"].weight @ layer.lora_A["default"].weight
-    )
-    before = torch.linalg.norm(original - quantized)
-    after = torch.linalg.norm(original - (quantized + correction))
-    assert after < 0.9 * before
-    assert not torch.all(layer.lora_B["default"].weight == 0)  # not the default zero init
+    adapters = {}
+    for method in ("loftq", "QLORA"):
+        training = {
+            "peft_implementation": method,
+            "quantize_model": True,
+            "quantization_scheme": "bnb-4bit",
+            "lora_r": 8,
+            "lora_target_modules": ["q_proj", "down_proj"],
+        }
+        job = spec(training)
+        set_seed(7)
+        model, details = apply_peft(
+            load(tiny_model, job, QuantizationScheme.BNB_4BIT), job.training
+        )
+        assert details["method"] == method.lower() and details["kbit_prepared"]
+        assert model.peft_config["default"].loftq_config == {}
+        adapters[method] = {
+            n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n
+        }
+    assert "peft_implementation loftq trains QLoRA, as in Safe Synthesizer 0.1.16" in caplog.text
+    assert adapters["loftq"].keys() == adapters["QLORA"].keys()
+    for name, weight in adapters["loftq"].items():
+        assert torch.equal(weight, adapters["QLORA"][name]), name
+        if "lora_B" in name:
+            assert torch.all(weight == 0), name
 
 
 def test_unknown_target_module_lists_the_linear_layers(tiny_model: TinyModel) -> None:
     job = spec({"lora_target_modules": ["qq_proj", "vv_proj"]})
     with pytest.raises(InvalidInputError) as error:
-        apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
+        apply_peft(load(tiny_model, job), job.training)
     assert str(error.value) == (
         "spec.training.lora_target_modules: no module named 'qq_proj', 'vv_proj' in the model; "
         "its linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
@@ -182,7 +222,7 @@ def test_a_target_matching_nothing_is_skipped_when_another_matches(
 ) -> None:
     """peft (and so Safe Synthesizer) adapts the targets that exist and ignores the others."""
     job = spec({"lora_target_modules": ["q_proj", "qq_proj", ""]})
-    model, _ = apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
+    model, _ = apply_peft(load(tiny_model, job), job.training)
     adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "lora_A", None)}
     assert adapted == {"q_proj"}
     assert "no module named 'qq_proj', '' in the model; skipped" in caplog.text
@@ -229,7 +269,7 @@ def test_custom_code_runs_only_when_trusted(tiny_model: TinyModel, tmp_path: Pat
 
 def test_all_linear_targets_every_projection_but_the_head(tiny_model: TinyModel) -> None:
     job = spec({"lora_target_modules": ["all-linear"], "lora_r": 2})
-    model, _ = apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
+    model, _ = apply_peft(load(tiny_model, job), job.training)
     adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if getattr(m, "lora_A", None)}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
@@ -237,8 +277,65 @@ def test_all_linear_targets_every_projection_but_the_head(tiny_model: TinyModel)
 def test_a_target_lora_cannot_adapt_is_invalid_input(tiny_model: TinyModel) -> None:
     job = spec({"lora_target_modules": ["mlp"]})
     with pytest.raises(InvalidInputError) as error:
-        apply_peft(load(tiny_model, job), job.training, None, str(tiny_model.path))
+        apply_peft(load(tiny_model, job), job.training)
     assert str(error.value) == (
         "spec.training.lora_target_modules: 'mlp' names a LlamaMLP, not a linear layer; its "
         "linear layers are: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"
     )
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"quantize_model": True, "quantization_scheme": "bnb-4bit"},
+        {"quantize_model": False},
+    ],
+)
+def test_the_trainer_trains_as_safe_synthesizers_does(
+    tiny_model: TinyModel, tmp_path: Path, training: dict[str, Any]
+) -> None:
+    """The Trainer the pipeline builds, seen from inside its own run: the optimizer it created is
+    bitsandbytes' paged 32-bit AdamW (Safe Synthesizer's optim="paged_adamw_32bit"), and once
+    training starts every decoder layer checkpoints non-reentrantly (the Trainer's
+    gradient_checkpointing=True re-enables it with transformers' default kwargs, whatever the
+    preparation passed), as in Safe Synthesizer."""
+    import bitsandbytes as bnb
+    from transformers import TrainerCallback
+
+    from finetune_trainer import distributed, pipeline
+    from finetune_trainer.config import PathOverrides, load_trainer_config
+    from training.helpers import manifest, text_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", text_rows(8))
+    job = manifest(
+        tmp_path / "job.yaml",
+        training={
+            **training,
+            "num_input_records_to_sample": 4,
+            "batch_size": 2,
+            "gradient_accumulation_steps": 1,
+            "lora_r": 2,
+            "lora_target_modules": ["q_proj", "v_proj"],
+        },
+    )
+    overrides = PathOverrides(str(tiny_model.path), str(data), str(tmp_path / "out"))
+    config = load_trainer_config(str(job), overrides)
+    scheme = config.spec.training.resolved_quantization_scheme
+    ready = pipeline.prepare(config)
+    base = load_model(ready.model, config.spec, ready.model_config, CPU, scheme)
+    model, _ = apply_peft(base, config.spec.training)
+    trainer = pipeline.get_trainer(config, ready, model, CPU, distributed.current())
+    seen: dict[str, Any] = {}
+
+    class Look(TrainerCallback):  # type: ignore[misc]
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            seen.setdefault("optimizer", kw["optimizer"])
+            seen.setdefault("checkpointing", checkpointing(kw["model"]))
+
+    trainer.add_callback(Look())
+    trainer.train()
+    assert trainer.state.global_step == 2
+    optimizer = getattr(seen["optimizer"], "optimizer", seen["optimizer"])  # accelerate's wrapper
+    assert isinstance(optimizer, bnb.optim.AdamW)
+    assert optimizer.is_paged is True and optimizer.args.optim_bits == 32
+    assert seen["checkpointing"] == (True, {"use_reentrant": False})

@@ -1,6 +1,6 @@
 """End to end through the real CLI entry point on CPU: bnb-4bit QLoRA, bnb-8bit QLoRA, bnb-4bit
-LoftQ and plain LoRA each train a tiny Llama, the loss falls, and the saved adapter loads with peft
-and changes the model's outputs."""
+loftq (QLoRA, as in Safe Synthesizer) and plain LoRA each train a tiny Llama, the loss falls, and
+the saved adapter loads with peft and changes the model's outputs."""
 
 from __future__ import annotations
 
@@ -133,10 +133,8 @@ def test_trains_and_the_adapter_changes_the_model(
     assert summary["resolved"]["quantization"] == case["quantization"]
     assert summary["resolved"]["peft"]["kbit_prepared"] is case["kbit_prepared"]
     assert summary["final_loss"] == pytest.approx(last)
-    if "loftq" in name:  # 7 projections x 2 layers started from the quantization error
-        loftq = summary["resolved"]["peft"]["loftq"]
-        assert loftq["layers"] == 14
-        assert loftq["mean_error_after"] < loftq["mean_error_before"]
+    if "loftq" in name:  # QLoRA, as in Safe Synthesizer (peft drops its LoftQConfig)
+        assert "peft_implementation loftq trains QLoRA" in run.stderr
 
     # The output directory: adapter, tokenizer, summary.
     for file in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):

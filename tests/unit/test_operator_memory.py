@@ -108,3 +108,30 @@ def test_hub_id_in_spec_model_selects_the_table_entry() -> None:
         }
     )
     assert model_shape(s) == KNOWN_MODELS["Qwen/Qwen2.5-7B"]
+
+
+@pytest.mark.parametrize(
+    ("scheme", "embedding_bytes"),
+    [("bnb-4bit", 4), ("bnb-8bit", 4), ("fp8", 4), ("mxfp4", 4), ("nvfp4", 2), (None, 2)],
+)
+def test_embeddings_count_in_float32_once_kbit_prepared(
+    scheme: str | None, embedding_bytes: int
+) -> None:
+    """The trainer runs peft's prepare_model_for_kbit_training on every quantized base (as Safe
+    Synthesizer does), which upcasts what is not quantized (embeddings, LM head) to float32,
+    except on torchao's nvfp4 model; the unquantized base keeps them in bf16."""
+    from finetune_api.training import QuantizationScheme
+    from finetune_operator.memory import MIB, STORAGE_BITS
+
+    training: dict[str, Any] = {"quantize_model": scheme is not None}
+    if scheme is not None:
+        training["quantization_scheme"] = scheme
+    s = spec(training)
+    shape = KNOWN_MODELS["meta-llama/Llama-3.1-8B"]
+    estimate = estimate_memory(s, shape)
+    assert estimate is not None
+    key = QuantizationScheme(scheme) if scheme is not None else None
+    non_block = shape.non_block_parameters
+    block = shape.parameters_billions * 1e9 - non_block
+    expected = (block * STORAGE_BITS[key] / 8 + non_block * embedding_bytes) / MIB
+    assert abs(estimate.base_weights_mib - expected) <= 1

@@ -177,7 +177,7 @@ def run(config: TrainerConfig) -> RunResult:
     base = load_model(ready.model, config.spec, ready.model_config, mine, scheme)
     loaded = loaded_facts(base)
     seed_everything()  # the LoRA matrices' initialisation too: identical runs give identical adapters
-    model, adapter = apply_peft(base, training, scheme, ready.model.path)
+    model, adapter = apply_peft(base, training)
     trainer = get_trainer(config, ready, model, mine, worker)
     resume = resume_point(trainer, config, ready, worker)
     if resume is not None:

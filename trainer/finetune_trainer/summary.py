@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from finetune_api.trainer_config import TrainerConfig
-from finetune_trainer.adapters import LORA_DROPOUT
+from finetune_trainer.adapters import LORA_DROPOUT, USE_RSLORA
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from finetune_trainer.pipeline import Prepared
@@ -83,6 +83,7 @@ def summarize(
                 "alpha": training.lora_alpha,
                 "target_modules": training.lora_target_modules,
                 "dropout": LORA_DROPOUT,
+                "use_rslora": USE_RSLORA,
             },
             "rope_scaling_factor": ready.rope_factor,
             "rope_parameters": getattr(ready.model_config, "rope_parameters", None),

@@ -21,6 +21,8 @@ from finetune_trainer.report import StatusReporter, now_rfc3339
 log = logging.getLogger(__name__)
 
 SEED = 42
+OPTIMIZER = "paged_adamw_32bit"  # Safe Synthesizer's FIXED_RUNTIME_TRAINING_ARGS
+EVAL_BATCH_SIZE = 2  # per_device_eval_batch_size, the same
 
 
 def seed_everything() -> None:
@@ -31,14 +33,21 @@ def seed_everything() -> None:
 def get_training_arguments(
     training: TrainingHyperparams, plan: Plan, device: Device, checkpoint_dir: str
 ) -> Any:
-    """TrainingArguments: AdamW, the resolved schedule, step-based eval and checkpoints.
+    """TrainingArguments: the resolved schedule, step-based eval and checkpoints, and what Safe
+    Synthesizer's backend fixes (FIXED_RUNTIME_TRAINING_ARGS and _configure_standard_training):
+    bitsandbytes' paged 32-bit AdamW (`paged_adamw_32bit`: on a GPU the state of a tensor of over
+    1e5 elements lives in paged memory, the smaller LoRA matrices' in device memory; on CPU
+    bitsandbytes runs it unpaged),
+    gradient checkpointing with transformers' default kwargs (non-reentrant), evaluation batches
+    of EVAL_BATCH_SIZE, bf16 (on GPUs; float32 on CPU, where only tests and the demo run), and
+    the defaults it keeps (max_grad_norm 1.0, seed 42).
 
     With several data-parallel workers (plan.world_size > 1) the Trainer runs DDP over the
     process group it sets up (NCCL on GPUs, gloo on CPU): every parameter that trains is a LoRA
-    parameter used in every step, so DDP does not look for unused ones (and gradient
-    checkpointing, on for QLoRA, is the non-reentrant kind, which DDP supports). transformers'
-    own SIGTERM checkpoint (enable_jit_checkpoint) stops each process on its own, at steps that
-    may differ; the workers use StopOnSigterm instead."""
+    parameter used in every step, so DDP does not look for unused ones (as Safe Synthesizer sets
+    it; the non-reentrant checkpointing works with DDP). transformers' own SIGTERM checkpoint
+    (enable_jit_checkpoint) stops each process on its own, at steps that may differ; the workers
+    use StopOnSigterm instead."""
     from transformers import TrainingArguments
 
     validate = plan.validation_records > 0
@@ -46,9 +55,10 @@ def get_training_arguments(
         output_dir=checkpoint_dir,
         max_steps=plan.steps,
         per_device_train_batch_size=training.batch_size,
-        per_device_eval_batch_size=training.batch_size,
+        per_device_eval_batch_size=EVAL_BATCH_SIZE,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
-        optim="adamw_torch",
+        optim=OPTIMIZER,
+        activation_checkpointing=True,  # Safe Synthesizer's gradient_checkpointing=True
         learning_rate=plan.learning_rate,
         weight_decay=training.weight_decay,
         lr_scheduler_type=training.lr_scheduler,
