@@ -34,9 +34,11 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.create("finetune.dev", "v1alpha1", "finetunejobs")
 def create(body: kopf.Body, **_: Any) -> None:
     try:
-        _batch[0].create_namespaced_job(
+        response = _batch[0].create_namespaced_job(
             body.metadata.namespace, job_for(dict(body)), _preload_content=False
-        ).release_conn()
+        )
+        _ = response.data  # read to the end: only then may the connection serve another request
+        response.release_conn()
     except client.ApiException as exc:
         if exc.status != 409:
             raise
