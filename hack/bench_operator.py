@@ -232,7 +232,7 @@ def phase(
         latency = bench.latency(bench.namespace(f"{name}-lat"), args.latency_jobs, args.spacing)
         if args.profile and name == "op":  # py-spy, sampling the operator through the burst
             profiler = subprocess.Popen(
-                ["py-spy", "record", "--nonblocking", "--format", "raw", "-o",
+                ["py-spy", "record", "--gil", "--nonblocking", "--format", "raw", "-o",
                  str(args.profile), "--pid", str(proc.pid)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

@@ -29,6 +29,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # kopf's per-object lines ("Handler ... succeeded") for every event of every watched object
+    # cost more CPU than some handlers; its warnings and errors still show.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     handlers.configure(settings)
     kopf.run(
         standalone=settings.peering is None,

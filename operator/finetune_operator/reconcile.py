@@ -108,10 +108,14 @@ class Reconciler:
             requirement = gpu_requirement(spec, self.settings)
             previous = FineTuneJobStatus.model_validate(body.get("status") or {})
             failure = None
+            created_job = False
             deleting = body["metadata"].get("deletionTimestamp") is not None
             if not finished(previous) and not deleting:
-                failure = self._ensure_children(job, spec, requirement)
-            self._refresh(body, spec, requirement, failure)
+                failure, created_job = self._ensure_children(job, spec, requirement)
+            if not created_job:
+                # (A Job made just now is followed by its own event, whose refresh writes the
+                # status: one status write and one FineTuneJob event fewer per new job.)
+                self._refresh(body, spec, requirement, failure)
             return failure
 
     def refresh(
@@ -162,17 +166,18 @@ class Reconciler:
 
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
-    ) -> ChildFailure | None:
+    ) -> tuple[ChildFailure | None, bool]:
         """Create the missing children, all or none, in three round trips of concurrent requests:
         a server-side dry run of what the spec shapes (the ConfigMap, the ResourceClaimTemplate in
         DRA mode, the Job), then the children the Job's pods need, then the Job. A refused dry run
-        creates nothing; what a pass created is deleted again if a later child is refused."""
+        creates nothing; what a pass created is deleted again if a later child is refused.
+        Returns the refusal, if any, and whether the Job was created."""
         children = self._children(job, spec, requirement)
         shaped = [c for c in children if child_kind(c) in SHAPED]
         checks = list(_POOL.map(lambda c: self._create(c, dry_run=True), shaped))
         failure = next((o for o in checks if isinstance(o, ChildFailure)), None)
         if failure is not None:
-            return failure  # nothing created
+            return failure, False  # nothing created
         exists = {id(c) for c, o in zip(shaped, checks, strict=True) if o is False}
         todo = [c for c in children if id(c) not in exists]
         jobs = [c for c in todo if child_kind(c) == "Job"]
@@ -184,11 +189,11 @@ class Reconciler:
             if failure is not None:
                 for done in reversed(created):
                     self.kube.delete(done)
-                return failure
+                return failure, False
         if created:
             names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
             log.info("%s/%s: created %s", job.namespace, job.name, names)
-        return None
+        return None, any(child_kind(c) == "Job" for c in created)
 
     def _create(self, child: Any, *, dry_run: bool = False) -> bool | ChildFailure:
         """True when created (or creatable), False when it exists, else the refusal."""
