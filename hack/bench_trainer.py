@@ -364,7 +364,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             f"{scheme}: project/plain tokens/s {summary['throughput_vs_plain']} (per CPU-second "
             f"{summary['cpu_throughput_vs_plain']}), start-up "
             f"{summary['startup_minus_plain_s']:+} s ({summary['startup_cpu_minus_plain_s']:+} "
-            "CPU-s), peak RSS {summary['peak_rss_vs_plain']}; "
+            f"CPU-s), peak RSS {summary['peak_rss_vs_plain']}; "
             f"default checkpointing costs {summary['checkpoint_cost']} of tokens/s; settings "
             + ("agree" if not summary["settings_differences"] else "DIFFER")
         )
