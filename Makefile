@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup demo test test-unit test-integration test-training test-oldest verify lint \
-	typecheck crds crds-check chart-lint cluster-up cluster-down bench-operator
+	typecheck crds crds-check chart-lint cluster-up cluster-down bench bench-operator bench-trainer
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
 # (hack/kube-versions.sh). `make test KUBE_VERSION=1.34.4` runs against the oldest we support.
@@ -44,6 +44,14 @@ OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_l
 test-oldest: ## CRD, placement and lifecycle tests on the oldest supported Kubernetes
 	KUBE_VERSION=$(KUBE_VERSION_OLDEST) hack/setup.sh
 	KUBE_VERSION=$(KUBE_VERSION_OLDEST) $(PY) -m pytest -m integration $(OLDEST_TESTS)
+
+bench: bench-operator bench-trainer ## Benchmarks: the operator's, then the trainer's (table + JSON line)
+
+# The trainer against a plain transformers Trainer + peft script on the CPU (hack/bench_trainer.py;
+# BENCH_TRAINER_ARGS passes options, e.g. --pairs 5 --schemes none). Tens of minutes on 2 cores.
+bench-trainer: setup ## The trainer against plain transformers + peft: tokens/s, start-up, memory
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/operator:$(CURDIR)/trainer:$(CURDIR)/hack \
+		$(PY) hack/bench_trainer.py $(BENCH_TRAINER_ARGS)
 
 verify: setup lint typecheck crds-check chart-lint ## ruff, ruff format, mypy, CRD diff, helm lint, hadolint
 

@@ -8,10 +8,12 @@ plan changed (another spec or dataset), the old checkpoints cannot be continued 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +66,22 @@ def prepare(directory: str, fingerprint: dict[str, Any]) -> str | None:
                 shutil.rmtree(path)
     record.write_text(wanted, encoding="utf-8")
     return latest_checkpoint(directory)
+
+
+@contextlib.contextmanager
+def without_model_card(model: Any) -> Iterator[None]:
+    """Checkpoints without peft's model card: its save_pretrained writes a README.md from a Jinja
+    template compiled anew each time, most of the Python time of saving a small adapter and of no
+    use to a resume. The outputs saved after the block keep it."""
+    if not hasattr(model, "create_or_update_model_card"):
+        yield
+        return
+    model.create_or_update_model_card = _no_model_card
+    try:
+        yield
+    finally:
+        del model.create_or_update_model_card
+
+
+def _no_model_card(*args: Any, **kwargs: Any) -> None:
+    return None

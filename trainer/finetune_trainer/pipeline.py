@@ -126,7 +126,7 @@ def get_trainer(
         args=get_training_arguments(
             config.spec.training, ready.plan, device, config.paths.checkpoint_dir
         ),
-        tokenizer=tokenizer,
+        tokenizer=None,  # the outputs hold it once; each checkpoint would save it again
         train_dataset=data.PlannedRecords(ready.train, ready.plan.records),
         eval_dataset=data.ExampleList(ready.validation) if ready.validation else None,
         collator=data.Collator(pad),
@@ -182,7 +182,8 @@ def run(config: TrainerConfig) -> RunResult:
     resume = resume_point(trainer, config, ready, worker)
     if resume is not None:
         log.info("resuming from %s", resume)
-    trainer.train(resume_from_checkpoint=resume)
+    with checkpoints.without_model_card(model):
+        trainer.train(resume_from_checkpoint=resume)
     if worker.distributed:  # rank 0's last checkpoint is complete before anyone looks for it
         trainer.accelerator.wait_for_everyone()
     step = trainer.state.global_step
