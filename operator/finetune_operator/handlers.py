@@ -17,6 +17,9 @@ from finetune_api.resource import GROUP, PLURAL, VERSION
 from finetune_operator import webhook
 from finetune_operator.builders import LABEL_NAME, LABEL_UID
 from finetune_operator.kube import Kube, load_config
+from finetune_operator.kueue import GROUP as KUEUE_GROUP
+from finetune_operator.kueue import JOB_UID_LABEL
+from finetune_operator.kueue import VERSION as KUEUE_VERSION
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
 
@@ -28,7 +31,7 @@ TICK_SECONDS = 30  # how often a job that has not started is looked at (FailedCr
 
 
 def not_started(status: Mapping[str, Any]) -> bool:
-    return status.get("phase") in (None, "Pending")
+    return status.get("phase") in (None, "Pending", "Queued", "Admitted")
 
 
 _state: dict[str, Any] = {}
@@ -144,3 +147,13 @@ def child_changed(body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource
     deleted = event.get("type") == "DELETED" and resource.plural != "pods"
     if deleted or resource.plural in ("jobs", "pods"):
         _reconciler().refresh(body.metadata.namespace, owner, heal="deleted" if deleted else False)
+
+
+# Kueue's Workload of a queued job (Queued, Admitted, Evicted...). Inactive where Kueue's CRDs are
+# not installed: kopf serves only the resources the cluster has.
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads", labels={JOB_UID_LABEL: kopf.PRESENT})
+def workload_changed(body: kopf.Body, **_: Any) -> None:
+    namespace = body.metadata.namespace
+    for owner in body.metadata.get("ownerReferences") or []:
+        if owner.get("kind") == "Job" and owner.get("apiVersion") == "batch/v1" and namespace:
+            _reconciler().refresh_job(namespace, owner["name"])

@@ -131,6 +131,7 @@ class JobView:
     failed_reason: str | None
     failed_message: str | None
     failed_time: str | None
+    uid: str = ""
 
     @classmethod
     def from_api(cls, job: Any) -> JobView:
@@ -148,6 +149,7 @@ class JobView:
         annotations = job.metadata.annotations or {}
         return cls(
             name=job.metadata.name,
+            uid=job.metadata.uid or "",
             spec_hash=annotations.get(ANNOTATION_SPEC_HASH),
             suspended=bool(job.spec.suspend),
             active=job.status.active or 0,
