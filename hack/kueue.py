@@ -17,6 +17,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shlex
+import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from localcluster import free_port
 
 HACK = Path(__file__).resolve().parent
 KUEUE_NAMESPACE = "kueue-system"
+METRICS_CERTS = "/etc/kueue/metrics/certs"
 WEBHOOK_GROUPS = {"batch", "kueue.x-k8s.io"}
 # The CRDs Kueue's release serves through its conversion webhook (config/components/crd/patches).
 CONVERTED_CRDS = ("localqueues", "clusterqueues", "cohorts", "workloads", "multikueueclusters")
@@ -75,7 +78,7 @@ def manager_config(webhook_port: int, cert_dir: Path) -> dict[str, Any]:
         "kind": "Configuration",
         "namespace": KUEUE_NAMESPACE,
         "health": {"healthProbeBindAddress": f"127.0.0.1:{free_port()}"},
-        "metrics": {"bindAddress": "0"},
+        "metrics": {"bindAddress": f"127.0.0.1:{free_port()}"},
         "webhook": {"port": webhook_port, "host": "127.0.0.1", "certDir": str(cert_dir)},
         "leaderElection": {"leaderElect": False},
         "internalCertManagement": {"enable": False},
@@ -130,6 +133,7 @@ class LocalKueue:
     kubeconfig: Path
     proc: subprocess.Popen[bytes] | None = None
     webhooks: list[dict[str, Any]] = field(default_factory=list)
+    api: client.ApiClient | None = None
 
     @property
     def log_path(self) -> Path:
@@ -142,7 +146,7 @@ class LocalKueue:
         ca = make_serving_cert(cert_dir)
         port = free_port()
         url = f"https://127.0.0.1:{port}"
-        api = config.new_client_from_config(str(self.kubeconfig))
+        api = self.api = config.new_client_from_config(str(self.kubeconfig))
         ext = client.ApiextensionsV1Api(api)
         for crd in crds(cache / "crds", url, ca):
             _create_or_replace(
@@ -151,6 +155,7 @@ class LocalKueue:
                     c["metadata"]["name"], _with_version(c, ext)
                 ),
             )
+        self._wait_established(ext, [c["metadata"]["name"] for c in crds(cache / "crds", url, ca)])
         core = client.CoreV1Api(api)
         with contextlib.suppress(ApiException):
             core.create_namespace(
@@ -160,9 +165,21 @@ class LocalKueue:
         config_path.write_text(yaml.safe_dump(manager_config(port, cert_dir)))
         env = dict(os.environ, KUBECONFIG=str(self.kubeconfig))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        argv = [
+            str(cache / "kueue"), "--config", str(config_path),
+            # The on-demand visibility API is an aggregated API server: the API server reaches
+            # it only through a Service, which nothing routes here. Off.
+            "--feature-gates", "VisibilityOnDemand=false", "--zap-log-level", "2",
+        ]  # fmt: skip
+        # Without internal certificate management Kueue reads its metrics serving certificate
+        # from a fixed path, METRICS_CERTS: a private mount namespace (root, as podrunner) puts
+        # the certificate made here there, for this process only.
+        script = (
+            f"mkdir -p {METRICS_CERTS} && mount --bind {shlex.quote(str(cert_dir))} "
+            f"{METRICS_CERTS} && exec {shlex.join(argv)}"
+        )
         self.proc = subprocess.Popen(
-            [str(cache / "kueue"), "--config", str(config_path),
-             "--visibility-server-port", str(free_port()), "--zap-log-level", "2"],
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )  # fmt: skip
@@ -185,13 +202,26 @@ class LocalKueue:
                         h["metadata"]["name"], h
                     ),
                 )
-        self._api = api
         return self
 
-    def _wait_serving(self, port: int, timeout: float) -> None:
-        """Until the webhook server accepts TLS connections (the manager has started)."""
-        import socket
+    @staticmethod
+    def _wait_established(
+        ext: client.ApiextensionsV1Api, names: list[str], timeout: float = 60
+    ) -> None:
+        """Until the API server serves every CRD (Kueue's manager exits when a kind is missing)."""
+        deadline = time.monotonic() + timeout
+        for name in names:
+            while True:
+                crd = ext.read_custom_resource_definition(name)
+                conditions = (crd.status.conditions if crd.status else None) or []
+                if any(c.type == "Established" and c.status == "True" for c in conditions):
+                    break
+                if time.monotonic() > deadline:
+                    raise KueueError(f"CRD {name} not established after {timeout:.0f}s")
+                time.sleep(0.3)
 
+    def _wait_serving(self, port: int, timeout: float) -> None:
+        """Until the webhook server accepts connections (the manager has started)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
@@ -203,9 +233,8 @@ class LocalKueue:
 
     def stop(self) -> None:
         """Remove the webhook configurations first (nothing may point at a stopped server)."""
-        api = getattr(self, "_api", None)
-        if api is not None:
-            admission = client.AdmissionregistrationV1Api(api)
+        if self.api is not None:
+            admission = client.AdmissionregistrationV1Api(self.api)
             with contextlib.suppress(ApiException):
                 admission.delete_mutating_webhook_configuration(
                     WEBHOOK_CONFIGS["MutatingWebhookConfiguration"]
