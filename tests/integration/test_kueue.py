@@ -385,7 +385,10 @@ def test_preempted_trainer_checkpoints_and_resumes_when_readmitted(
              describe=lambda: (status(ns, "low"), status(ns, "high")))  # fmt: skip
     wait_for(lambda: phase(ns, "high") in ("Admitted", "Running", "Succeeded"), timeout=120,
              what="high admitted", describe=lambda: status(ns, "high"))  # fmt: skip
-    # The preempted trainer stopped on SIGTERM with a checkpoint (its own words in its log).
+    # The preempted trainer stopped on SIGTERM with a checkpoint (its own words in its log)
+    # before its pod was gone.
+    wait_for(lambda: all(p.metadata.uid != first.metadata.uid for p in ns.pods("low")),
+             timeout=300, what="the preempted pod gone")  # fmt: skip
     first_log = (runtime_dir / f"{ns.name}-{first.metadata.name}.log").read_text()
     assert "a retry resumes from checkpoint-" in first_log, first_log[-3000:]
     # The high-priority job leaves: Kueue admits the preempted one again.
