@@ -263,10 +263,12 @@ def _admission(
         b.set(ConditionType.ADMITTED, "False", wait.reason, wait.message)
         b.clear(ConditionType.RUNNING, "Queued", wait.message)
         return Phase.QUEUED, wait.reason, wait.message
-    b.set(ConditionType.ADMITTED, "True", "Admitted", admitted_message(obs.workload))
+    admitted = admitted_message(obs.workload)
+    b.set(ConditionType.ADMITTED, "True", "Admitted", admitted)
     phase, reason, message = _active(b, obs, status, pod)
-    if phase is Phase.PENDING:
-        return Phase.ADMITTED, reason, message
+    if phase is Phase.PENDING:  # admitted; the pod is on its way (or says why it is not)
+        generic = reason in ("Pending", "Starting")
+        return Phase.ADMITTED, "Admitted" if generic else reason, f"{admitted}; {message}"
     return phase, reason, message
 
 

@@ -204,10 +204,12 @@ def test_quota_admits_two_and_queues_the_third_until_one_finishes(
     assert admitted["status"] == "True" and "ClusterQueue team-a" in admitted["message"]
     assert done["queue"]["clusterQueue"] == "team-a"
     events = ns.cluster.core.list_namespaced_event(
-        ns.name, field_selector="involvedObject.name=three"
+        ns.name, field_selector="involvedObject.kind=FineTuneJob,involvedObject.name=three"
     ).items
-    reasons = [e.reason for e in sorted(events, key=lambda e: e.metadata.creation_timestamp)]
-    assert "Pending" in reasons and "Running" in reasons, reasons
+    reasons = [e.reason for e in sorted(events, key=lambda e: int(e.metadata.resource_version))]
+    # Queued (with Kueue's reason), then Admitted, then Running: an Event for each phase.
+    queued_at = min(reasons.index(r) for r in ("WaitingForWorkload", "Pending") if r in reasons)
+    assert queued_at < reasons.index("Admitted") < reasons.index("Running"), reasons
 
 
 def test_scheme_only_one_flavor_can_run_is_admitted_only_to_that_flavor(

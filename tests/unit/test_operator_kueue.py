@@ -121,8 +121,11 @@ def test_status_queued_then_admitted_then_running() -> None:
     admitted = WorkloadView.from_api(
         workload(("Admitted", "True", "Admitted", ""), admitted_to="hopper-h100")
     )
-    status, _ = derive(status, obs(workload=admitted))
-    assert status.phase == "Admitted"
+    status, events = derive(status, obs(workload=admitted))
+    assert status.phase == "Admitted" and [e.reason for e in events] == ["Admitted"]
+    assert status.message == (
+        "admitted by ClusterQueue team-a (flavor hopper-h100); waiting for the training pod"
+    )
     cond = status.condition("Admitted")
     assert cond is not None and cond.status == "True"
     assert cond.message == "admitted by ClusterQueue team-a (flavor hopper-h100)"
