@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup demo test test-unit test-integration test-training test-oldest verify lint \
-	typecheck crds crds-check chart-lint cluster-up cluster-down
+	typecheck crds crds-check chart-lint cluster-up cluster-down bench-operator
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
 # (hack/kube-versions.sh). `make test KUBE_VERSION=1.34.4` runs against the oldest we support.
@@ -35,11 +35,11 @@ test-integration: setup ## Tests on the local control plane
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
 
-# The CRD, placement and lifecycle tests on the oldest supported Kubernetes.
+# The CRD, placement (device plugin and DRA) and lifecycle tests on the oldest supported Kubernetes.
 OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_lifecycle.py \
 	tests/integration/test_placement.py \
 	tests/integration/test_cel_agreement.py tests/integration/test_job_api.py \
-	tests/integration/test_faults.py
+	tests/integration/test_faults.py tests/integration/test_dra.py
 
 test-oldest: ## CRD, placement and lifecycle tests on the oldest supported Kubernetes
 	KUBE_VERSION=$(KUBE_VERSION_OLDEST) hack/setup.sh
@@ -69,6 +69,9 @@ crds-check:
 	diff -u crds/$(CRD) $(VENV)/crd-check.yaml || { echo "crds/ is stale: run 'make crds'"; exit 1; }
 	diff -u charts/finetune-operator/files/$(CRD) $(VENV)/crd-check.yaml || \
 		{ echo "the chart's CRD is stale: run 'make crds'"; exit 1; }
+
+bench-operator: setup ## Operator benchmark: apply->Job latency against a bare client, a 1,000-job burst
+	$(PY) hack/bench_operator.py
 
 cluster-up: setup ## Start the local control plane (.cluster/kubeconfig)
 	$(PY) hack/localcluster.py up .cluster

@@ -1,7 +1,8 @@
 """Simulated GPU nodes and a stand-in kubelet for the local control plane (tests and the demo).
 
 Nodes carry the labels NVIDIA GPU Feature Discovery writes and allocatable `nvidia.com/gpu`, so
-the real kube-scheduler places pods on them. `FakeKubelet` does what a kubelet would for pods bound
+the real kube-scheduler places pods on them; or, for Dynamic Resource Allocation, ResourceSlices of
+the NVIDIA DRA driver describe their GPUs (`publish_gpus`). `FakeKubelet` does what a kubelet would for pods bound
 to those nodes: reports them Running, finishes them with an exit code and termination message,
 completes graceful deletions, and can run a pod's container command as a local process with the
 pod's environment and volumes (`execute`).
@@ -10,6 +11,7 @@ pod's environment and volumes (`execute`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -22,26 +24,38 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from finetune_api.gpu import ComputeCapability
+
 log = logging.getLogger("gpusim")
 SIM_LABEL = "finetune.dev/simulated"
 
 
 @dataclass(frozen=True)
 class GpuType:
-    product: str
+    name: str  # NVML's device name, which the NVIDIA DRA driver publishes as productName
     major: int
     minor: int
     memory_mib: int
     family: str
 
+    @property
+    def product(self) -> str:
+        """The nvidia.com/gpu.product label: GPU Feature Discovery writes NVML's name with
+        dashes for spaces."""
+        return self.name.replace(" ", "-")
+
+    @property
+    def capability(self) -> ComputeCapability:
+        return ComputeCapability(self.major, self.minor)
+
 
 GPU_TYPES: dict[str, GpuType] = {
-    "t4": GpuType("Tesla-T4", 7, 5, 15360, "turing"),
-    "a100": GpuType("NVIDIA-A100-SXM4-80GB", 8, 0, 81920, "ampere"),
-    "a10": GpuType("NVIDIA-A10", 8, 6, 23028, "ampere"),
-    "l40s": GpuType("NVIDIA-L40S", 8, 9, 46068, "ada-lovelace"),
-    "h100": GpuType("NVIDIA-H100-80GB-HBM3", 9, 0, 81559, "hopper"),
-    "b200": GpuType("NVIDIA-B200", 10, 0, 183359, "blackwell"),
+    "t4": GpuType("Tesla T4", 7, 5, 15360, "turing"),
+    "a100": GpuType("NVIDIA A100-SXM4-80GB", 8, 0, 81920, "ampere"),
+    "a10": GpuType("NVIDIA A10", 8, 6, 23028, "ampere"),
+    "l40s": GpuType("NVIDIA L40S", 8, 9, 46068, "ada-lovelace"),
+    "h100": GpuType("NVIDIA H100 80GB HBM3", 9, 0, 81559, "hopper"),
+    "b200": GpuType("NVIDIA B200", 10, 0, 183359, "blackwell"),
 }
 
 
@@ -57,13 +71,18 @@ def gfd_labels(gpu: GpuType, count: int) -> dict[str, str]:
     }
 
 
-def create_gpu_node(core: client.CoreV1Api, name: str, gpu: GpuType, gpus: int = 1) -> None:
-    """A Ready node with GFD labels, `gpus` allocatable GPUs and the usual GPU taint."""
+def create_gpu_node(core: client.CoreV1Api, name: str, gpu: GpuType | None, gpus: int = 1) -> None:
+    """A Ready node with the usual GPU taint and, for a `gpu` type (the device plugin's view), GFD
+    labels and `gpus` allocatable nvidia.com/gpu. `gpu=None`: a node whose GPUs only DRA offers
+    (publish them with `publish_gpus`)."""
     labels = {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", SIM_LABEL: "true"}
-    labels.update(gfd_labels(gpu, gpus))
+    if gpu is not None:
+        labels.update(gfd_labels(gpu, gpus))
     body = client.V1Node(metadata=client.V1ObjectMeta(name=name, labels=labels))
     core.create_node(body)
-    amounts = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    amounts = {"cpu": "32", "memory": "256Gi", "pods": "110"}
+    if gpu is not None:
+        amounts["nvidia.com/gpu"] = str(gpus)
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     status = {
         "status": {
@@ -85,6 +104,80 @@ def create_gpu_node(core: client.CoreV1Api, name: str, gpu: GpuType, gpus: int =
 def delete_node(core: client.CoreV1Api, name: str) -> None:
     with contextlib.suppress(ApiException):
         core.delete_node(name)
+
+
+# Dynamic Resource Allocation, as the NVIDIA DRA driver for GPUs publishes a node's GPUs (the names
+# and their sources: finetune_operator.dra). The real driver's kubelet plugin writes the slices;
+# here the test writes them, and no kubelet plugin prepares the devices (the stand-in kubelets
+# start containers without calling a DRA driver).
+DRA_DRIVER = "gpu.nvidia.com"
+
+
+def device_class() -> dict[str, Any]:
+    """The DeviceClass the NVIDIA driver's Helm chart installs for full GPUs."""
+    return {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "DeviceClass",
+        "metadata": {"name": DRA_DRIVER, "labels": {SIM_LABEL: "true"}},
+        "spec": {
+            "selectors": [
+                {"cel": {"expression": f"device.driver == '{DRA_DRIVER}' && "
+                                       f"device.attributes['{DRA_DRIVER}'].type == 'gpu'"}}
+            ]
+        },
+    }  # fmt: skip
+
+
+def gpu_device(gpu: GpuType, index: int, node: str) -> dict[str, Any]:
+    """One full GPU as the driver's kubelet plugin describes it: device gpu-<minor>, NVML's name,
+    go-nvlib's architecture, the compute capability as a version, NVML's total memory in bytes."""
+    uuid = f"GPU-{hashlib.sha256(f'{node}/{index}'.encode()).hexdigest()[:32]}"
+    return {
+        "name": f"gpu-{index}",
+        "attributes": {
+            "type": {"string": "gpu"},
+            "uuid": {"string": uuid},
+            "productName": {"string": gpu.name},
+            "brand": {"string": "Nvidia"},
+            "architecture": {"string": gpu.capability.architecture},
+            "cudaComputeCapability": {"version": f"{gpu.major}.{gpu.minor}.0"},
+            "driverVersion": {"version": "580.95.5"},
+            "cudaDriverVersion": {"version": "13.0.0"},
+            "pcieBusID": {"string": f"0000:{0x18 + index:02x}:00.0"},
+        },
+        "capacity": {"memory": {"value": str(gpu.memory_mib * 1024 * 1024)}},
+    }
+
+
+def publish_gpus(
+    api: client.ApiClient, node: str, gpus: list[GpuType], pool_generation: int = 1
+) -> str:
+    """A ResourceSlice of the NVIDIA driver for `node`: pool named after the node, one device per
+    entry of `gpus` (gpu-0, gpu-1, ...). Returns the slice's name."""
+    name = f"{node}-{DRA_DRIVER}"
+    body = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceSlice",
+        "metadata": {"name": name, "labels": {SIM_LABEL: "true"}},
+        "spec": {
+            "driver": DRA_DRIVER,
+            "nodeName": node,
+            "pool": {"name": node, "generation": pool_generation, "resourceSliceCount": 1},
+            "devices": [gpu_device(gpu, i, node) for i, gpu in enumerate(gpus)],
+        },
+    }
+    client.ResourceV1Api(api).create_resource_slice(body)
+    return name
+
+
+def install_device_class(api: client.ApiClient) -> None:
+    with contextlib.suppress(ApiException):  # 409: already there
+        client.ResourceV1Api(api).create_device_class(device_class())
+
+
+def delete_slice(api: client.ApiClient, name: str) -> None:
+    with contextlib.suppress(ApiException):
+        client.ResourceV1Api(api).delete_resource_slice(name)
 
 
 def bind_hostpath_claim(core: client.CoreV1Api, namespace: str, claim: str, host_dir: Path) -> None:

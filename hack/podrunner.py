@@ -17,6 +17,10 @@ root filesystem applies to every user, so writes outside the pod's volumes still
 
 Images map to local commands (the image's ENTRYPOINT), e.g. the trainer image to the
 `finetune-trainer` console script of this checkout's virtual environment.
+
+Devices are not prepared: a pod with `nvidia.com/gpu` or with a DRA ResourceClaim (allocated by the
+scheduler from simulated ResourceSlices) runs without calling a device plugin or a DRA driver's
+kubelet plugin; there are no GPUs to hand over here.
 """
 
 from __future__ import annotations

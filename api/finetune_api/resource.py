@@ -421,10 +421,26 @@ class PlacementStatus(StatusModel):
     ] = None
     node: Annotated[str | None, Field(description="Node the training pod was bound to.")] = None
     gpu_product: Annotated[
-        str | None, Field(description="The node's nvidia.com/gpu.product label.")
+        str | None,
+        Field(
+            description="The GPU product: the node's nvidia.com/gpu.product label, or the "
+            "allocated device's productName (DRA)."
+        ),
     ] = None
     node_compute_capability: Annotated[
-        str | None, Field(description="The node's GPU compute capability.")
+        str | None, Field(description="The GPU's compute capability (node label or device).")
+    ] = None
+    resource_claim: Annotated[
+        str | None,
+        Field(description="DRA: the training pod's ResourceClaim, made from the job's template."),
+    ] = None
+    gpu_devices: Annotated[
+        list[Annotated[str, Field(max_length=512)]] | None,
+        Field(
+            max_length=64,
+            description="DRA: the devices allocated to the claim, as POOL/DEVICE (the NVIDIA "
+            "driver names the pool after the node), e.g. gpu-node-1/gpu-0.",
+        ),
     ] = None
 
 

@@ -12,14 +12,20 @@ from dataclasses import dataclass
 
 import yaml
 from kubernetes.client import (
+    CoreV1ResourceClaim,
     RbacV1Subject,
     V1Capabilities,
+    V1CELDeviceSelector,
     V1ConfigMap,
     V1ConfigMapVolumeSource,
     V1Container,
+    V1DeviceClaim,
+    V1DeviceRequest,
+    V1DeviceSelector,
     V1EmptyDirVolumeSource,
     V1EnvVar,
     V1EnvVarSource,
+    V1ExactDeviceRequest,
     V1Job,
     V1JobSpec,
     V1ObjectMeta,
@@ -29,10 +35,14 @@ from kubernetes.client import (
     V1PodFailurePolicyOnExitCodesRequirement,
     V1PodFailurePolicyOnPodConditionsPattern,
     V1PodFailurePolicyRule,
+    V1PodResourceClaim,
     V1PodSecurityContext,
     V1PodSpec,
     V1PodTemplateSpec,
     V1PolicyRule,
+    V1ResourceClaimSpec,
+    V1ResourceClaimTemplate,
+    V1ResourceClaimTemplateSpec,
     V1ResourceRequirements,
     V1Role,
     V1RoleBinding,
@@ -56,6 +66,7 @@ from finetune_api.resource import (
     PLURAL,
     FineTuneJobSpec,
 )
+from finetune_operator import dra
 from finetune_operator.placement import GpuRequirement, node_affinity
 from finetune_operator.settings import Settings
 
@@ -111,6 +122,10 @@ def config_map_name(name: str) -> str:
 
 def trainer_account_name(name: str) -> str:
     return child_name(name, "trainer")
+
+
+def claim_template_name(name: str) -> str:
+    return child_name(name, "gpus")
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
@@ -179,12 +194,18 @@ def trainer_config(
     )
 
 
+# libyaml's emitter when PyYAML has it: the pure-Python one was the costliest step of a job.
+SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def build_config_map(
     job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
 ) -> V1ConfigMap:
     config = trainer_config(job, spec, requirement)
-    text = yaml.safe_dump(
-        config.model_dump(mode="json", by_alias=True, exclude_none=True), sort_keys=False
+    text = yaml.dump(
+        config.model_dump(mode="json", by_alias=True, exclude_none=True),
+        Dumper=SAFE_DUMPER,
+        sort_keys=False,
     )
     return V1ConfigMap(
         metadata=_metadata(job, config_map_name(job.name)), data={tc.CONFIG_KEY: text}
@@ -270,15 +291,49 @@ def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1
     return env
 
 
+def build_resource_claim_template(
+    job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
+) -> V1ResourceClaimTemplate:
+    """DRA: `resources.gpus` devices of the NVIDIA driver's DeviceClass that meet the scheme's
+    compute capability and, when the model's size is known, the memory estimate. Kubernetes makes
+    one ResourceClaim of it for each training pod (owned by the pod)."""
+    request = V1DeviceRequest(
+        name=dra.REQUEST,
+        exactly=V1ExactDeviceRequest(
+            device_class_name=dra.DEVICE_CLASS,
+            allocation_mode="ExactCount",
+            count=spec.resources.gpus,
+            selectors=[
+                V1DeviceSelector(cel=V1CELDeviceSelector(expression=e))
+                for e in dra.selectors(requirement)
+            ],
+        ),
+    )
+    return V1ResourceClaimTemplate(
+        api_version="resource.k8s.io/v1",
+        kind="ResourceClaimTemplate",
+        metadata=_metadata(job, claim_template_name(job.name)),
+        spec=V1ResourceClaimTemplateSpec(
+            metadata=V1ObjectMeta(labels=labels(job), annotations={LABEL_NAME: job.name}),
+            spec=V1ResourceClaimSpec(devices=V1DeviceClaim(requests=[request])),
+        ),
+    )
+
+
 def _resources(spec: FineTuneJobSpec, settings: Settings) -> V1ResourceRequirements:
-    amounts: dict[str, str] = {settings.gpu_resource: str(spec.resources.gpus)}
+    amounts: dict[str, str] = {}
+    if not settings.dra:  # with DRA the GPUs come from the pod's ResourceClaim
+        amounts[settings.gpu_resource] = str(spec.resources.gpus)
     cpu = spec.resources.cpu if spec.resources.cpu is not None else settings.default_cpu
     memory = spec.resources.memory if spec.resources.memory is not None else settings.default_memory
     if cpu is not None:
         amounts["cpu"] = str(cpu)
     if memory is not None:
         amounts["memory"] = str(memory)
-    return V1ResourceRequirements(requests=dict(amounts), limits=dict(amounts))
+    claims = [CoreV1ResourceClaim(name=dra.REQUEST)] if settings.dra else None
+    return V1ResourceRequirements(
+        requests=dict(amounts) or None, limits=dict(amounts) or None, claims=claims
+    )
 
 
 def _tolerations(spec: FineTuneJobSpec, settings: Settings) -> list[V1Toleration]:
@@ -299,7 +354,8 @@ def _tolerations(spec: FineTuneJobSpec, settings: Settings) -> list[V1Toleration
 def build_job(
     job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement, settings: Settings
 ) -> V1Job:
-    """The batch/v1 Job that trains: one pod, restricted Pod Security, placed by GPU affinity."""
+    """The batch/v1 Job that trains: one pod, restricted Pod Security, placed by GPU affinity
+    (device plugin) or by the allocation of its ResourceClaim (DRA)."""
     volumes, mounts = _volumes(spec, config_map_name(job.name))
     container = V1Container(
         name=TRAINER_CONTAINER,
@@ -334,7 +390,14 @@ def build_job(
             fs_group=TRAINER_UID,
             seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
         ),
-        affinity=node_affinity(requirement, settings.labels),
+        affinity=None if settings.dra else node_affinity(requirement, settings.labels),
+        resource_claims=[
+            V1PodResourceClaim(
+                name=dra.REQUEST, resource_claim_template_name=claim_template_name(job.name)
+            )
+        ]
+        if settings.dra
+        else None,
         node_selector=dict(spec.placement.node_selector) or None,
         tolerations=_tolerations(spec, settings),
         priority_class_name=spec.placement.priority_class_name,

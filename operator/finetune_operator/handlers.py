@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 CHILD_LABELS: dict[str, Any] = {LABEL_UID: kopf.PRESENT}
 RETRY_SECONDS = 60  # a child refused for a reason that may pass (quota, RBAC, a webhook down)
 TICK_SECONDS = 30  # how often a job that has not started is looked at (FailedCreate, lost Job)
+# Changes of a job's Job and pods come in flurries (created, scheduled, started: a few events
+# within a fraction of a second): one status refresh a moment after the first serves them all.
+REFRESH_DELAY_SECONDS = 0.25
+BATCH_WINDOW_SECONDS = 0.01  # kopf's wait for more events of one object (its default: 0.1 s)
 
 
 def not_started(status: Mapping[str, Any]) -> bool:
@@ -41,6 +45,11 @@ def configure(settings: Settings) -> None:
     load_config()
     _state["settings"] = settings
     _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+    if settings.dra:
+        # The ResourceClaimTemplate is a child only with DRA (and the chart's RBAC has it then).
+        kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=CHILD_LABELS)(
+            child_changed
+        )
     if settings.webhook:
         # kopf refuses to start with admission handlers but no server: register only when served.
         kopf.on.validate(*FTJ, id="spec", operations=["CREATE", "UPDATE"], ignore_failures=True)(
@@ -72,6 +81,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 8
+    settings.batching.batch_window = BATCH_WINDOW_SECONDS
     ours: Settings = _state["settings"]
     if ours.webhook:
         service = None
@@ -103,7 +113,8 @@ _not_started: dict[tuple[str, str], None] = {}
 
 
 @kopf.on.event(*FTJ)
-def track_not_started(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+async def track_not_started(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+    _ensure_ticker()
     key = (body.metadata.namespace or "", body.metadata.name or "")
     if event.get("type") != "DELETED" and not_started(body.status):
         _not_started[key] = None
@@ -121,16 +132,27 @@ async def _tick_forever() -> None:
                 log.exception("periodic check of %s/%s failed", namespace, name)
 
 
-@kopf.on.startup()
-async def start_ticker(memo: kopf.Memo, **_: Any) -> None:
-    memo["ticker"] = asyncio.create_task(_tick_forever())
+def _ensure_ticker() -> None:
+    """Start the periodic look from inside a handler: the task inherits the handler's context,
+    which carries what kopf.event needs to post (a task started at start-up could not)."""
+    if _state.get("ticker") is None:
+        _state["ticker"] = asyncio.get_running_loop().create_task(_tick_forever())
 
 
 @kopf.on.cleanup()
-async def stop_ticker(memo: kopf.Memo, **_: Any) -> None:
-    ticker = memo.get("ticker")
+async def stop_ticker(**_: Any) -> None:
+    ticker = _state.pop("ticker", None)
     if ticker is not None:
         ticker.cancel()
+
+
+_refresh_soon: set[tuple[str, str]] = set()
+
+
+async def _refresh_later(namespace: str, name: str) -> None:
+    await asyncio.sleep(REFRESH_DELAY_SECONDS)
+    _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
+    await asyncio.to_thread(_reconciler().refresh, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -139,14 +161,19 @@ async def stop_ticker(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_LABELS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
-def child_changed(body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **_: Any) -> None:
+async def child_changed(
+    body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **_: Any
+) -> None:
     owner = (body.metadata.annotations or {}).get(LABEL_NAME)
-    if not owner or not body.metadata.namespace:
+    namespace = body.metadata.namespace
+    if not owner or not namespace:
         return
     # Children are level-triggered: a deleted one is made again (unless the job has finished).
-    deleted = event.get("type") == "DELETED" and resource.plural != "pods"
-    if deleted or resource.plural in ("jobs", "pods"):
-        _reconciler().refresh(body.metadata.namespace, owner, heal="deleted" if deleted else False)
+    if event.get("type") == "DELETED" and resource.plural != "pods":
+        await asyncio.to_thread(_reconciler().refresh, namespace, owner, heal="deleted")
+    elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
+        _refresh_soon.add((namespace, owner))
+        await _refresh_later(namespace, owner)
 
 
 # Kueue's Workload of a queued job (Queued, Admitted, Evicted...). Inactive where Kueue's CRDs are

@@ -9,12 +9,28 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
-from finetune_operator import kueue
+from finetune_operator import dra, kueue
 from finetune_operator.builders import LABEL_UID
+from finetune_operator.dra import GpuDevice
 from finetune_operator.placement import GpuNode
 from finetune_operator.settings import GpuLabels
 
 MERGE_PATCH = "application/merge-patch+json"
+# Requests return the API server's JSON as is: building the client's model classes (each one
+# deep-copies the client configuration) cost more CPU than everything else the operator does.
+RAW = {"_preload_content": False}
+
+
+def _json(response: Any) -> Any:
+    return json.loads(_drain(response))
+
+
+def _drain(response: Any) -> bytes:
+    """Read the whole response, which hands its connection back to the pool (a response left
+    unread keeps it, and the next request pays for a new TLS handshake)."""
+    data: bytes = response.data
+    response.release_conn()
+    return data
 
 
 def load_config() -> None:
@@ -23,6 +39,21 @@ def load_config() -> None:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    # Handlers run in kopf's thread pool and create children concurrently: keep a connection
+    # for each request in flight instead of opening and dropping extra ones.
+    settings = client.Configuration.get_default_copy()
+    settings.connection_pool_maxsize = 32
+    client.Configuration.set_default(settings)
+    share_configuration(settings)
+
+
+def share_configuration(settings: client.Configuration) -> None:
+    """Hand every object of the client the same configuration instead of a deep copy each.
+
+    Each model object (a V1Job is some eighty of them) deep-copies the default configuration
+    when built, only to read its `client_side_validation` flag; that was the largest CPU cost of
+    building a job's children. The operator never changes the configuration once loaded."""
+    client.Configuration.get_default_copy = classmethod(lambda _cls: settings)
 
 
 def api_message(exc: ApiException) -> str:
@@ -45,6 +76,7 @@ class Kube:
         self.batch = client.BatchV1Api(self.api)
         self.rbac = client.RbacAuthorizationV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.resource = client.ResourceV1Api(self.api)
 
     def _creator(self, obj: Any) -> Any:
         creators = {
@@ -53,15 +85,16 @@ class Kube:
             "V1Role": self.rbac.create_namespaced_role,
             "V1RoleBinding": self.rbac.create_namespaced_role_binding,
             "V1Job": self.batch.create_namespaced_job,
+            "V1ResourceClaimTemplate": self.resource.create_namespaced_resource_claim_template,
         }
         return creators[type(obj).__name__]
 
     def create_if_missing(self, obj: Any, *, dry_run: bool = False) -> bool:
         """Create a namespaced object (or only check that the API server would, with `dry_run`);
         False when it already exists (never a second copy). Other refusals raise ApiException."""
-        kwargs = {"dry_run": "All"} if dry_run else {}
+        kwargs: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
         try:
-            self._creator(obj)(obj.metadata.namespace, obj, **kwargs)
+            _drain(self._creator(obj)(obj.metadata.namespace, obj, **kwargs, **RAW))
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -76,10 +109,16 @@ class Kube:
             "V1Role": self.rbac.delete_namespaced_role,
             "V1RoleBinding": self.rbac.delete_namespaced_role_binding,
             "V1Job": self.batch.delete_namespaced_job,
+            "V1ResourceClaimTemplate": self.resource.delete_namespaced_resource_claim_template,
         }
         try:
-            deleters[type(obj).__name__](
-                obj.metadata.name, obj.metadata.namespace, propagation_policy="Background"
+            _drain(
+                deleters[type(obj).__name__](
+                    obj.metadata.name,
+                    obj.metadata.namespace,
+                    propagation_policy="Background",
+                    **RAW,
+                )
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -90,17 +129,24 @@ class Kube:
         events = self.core.list_namespaced_event(
             namespace,
             field_selector=f"involvedObject.kind=Job,involvedObject.name={job},type=Warning",
+            **RAW,
         )
         found = []
-        for event in events.items:
-            when = event.last_timestamp or event.event_time or event.metadata.creation_timestamp
-            found.append((str(when or ""), event.reason or "", event.message or ""))
+        for event in _json(events)["items"]:
+            when = (
+                event.get("lastTimestamp")
+                or event.get("eventTime")
+                or event["metadata"].get("creationTimestamp")
+            )
+            found.append((str(when or ""), event.get("reason") or "", event.get("message") or ""))
         return sorted(found)
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name
+            obj: dict[str, Any] = _json(
+                self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, **RAW
+                )
             )
         except ApiException as exc:
             if exc.status == 404:
@@ -109,21 +155,25 @@ class Kube:
         return obj
 
     def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
-        )
+        _drain(self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, PLURAL, name, {"status": status},
+            _content_type=MERGE_PATCH, **RAW,
+        ))  # fmt: skip
 
-    def get_job(self, namespace: str, name: str) -> Any | None:
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.batch.read_namespaced_job(name, namespace)
+            job: dict[str, Any] = _json(self.batch.read_namespaced_job(name, namespace, **RAW))
+            return job
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
-        self.batch.patch_namespaced_job(
-            name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH
+        _drain(
+            self.batch.patch_namespaced_job(
+                name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH, **RAW
+            )
         )
 
     def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
@@ -146,23 +196,42 @@ class Kube:
             {"spec": {"active": active}}, _content_type=MERGE_PATCH,
         )  # fmt: skip
 
-    def list_pods(self, namespace: str, uid: str) -> list[Any]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_UID}={uid}")
-        return list(pods.items)
+    def list_pods(self, namespace: str, uid: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_UID}={uid}", **RAW)
+        return list(_json(pods)["items"])
 
     def gpu_node(self, name: str, labels: GpuLabels) -> GpuNode | None:
         try:
-            node = self.core.read_node(name)
+            node = _json(self.core.read_node(name, **RAW))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return GpuNode.from_labels(name, node.metadata.labels or {}, labels)
+        return GpuNode.from_labels(name, node["metadata"].get("labels") or {}, labels)
 
     def gpu_nodes(self, labels: GpuLabels) -> list[GpuNode]:
         """Nodes carrying a compute-capability label."""
-        nodes = self.core.list_node(label_selector=labels.compute_major)
+        nodes = _json(self.core.list_node(label_selector=labels.compute_major, **RAW))
         return [
-            GpuNode.from_labels(n.metadata.name, n.metadata.labels or {}, labels)
-            for n in nodes.items
+            GpuNode.from_labels(n["metadata"]["name"], n["metadata"].get("labels") or {}, labels)
+            for n in nodes["items"]
         ]
+
+    def get_resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ResourceClaim as the API server sends it (camelCase), or None when it is gone."""
+        try:
+            claim: dict[str, Any] = _json(
+                self.resource.read_namespaced_resource_claim(name, namespace, **RAW)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return claim
+
+    def gpu_devices(self) -> list[GpuDevice]:
+        """The full GPUs in the NVIDIA DRA driver's ResourceSlices."""
+        response = self.resource.list_resource_slice(
+            field_selector=f"spec.driver={dra.DRIVER}", **RAW
+        )
+        return dra.gpus_in_slices(_json(response).get("items") or [])

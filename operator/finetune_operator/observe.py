@@ -1,24 +1,17 @@
-"""Typed views of the children the operator watches, parsed once from the API's objects."""
+"""Typed views of the children the operator watches, parsed once from the API server's JSON
+(the kubernetes client's model classes cost more CPU to build than the whole reconciliation)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from finetune_api.trainer_config import EXIT_INVALID_INPUT, TrainerOutcome
 from finetune_operator.builders import ANNOTATION_SPEC_HASH
-
-
-def _time(value: datetime | str | None) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def outcome_from_message(message: str | None) -> TrainerOutcome | None:
@@ -51,50 +44,58 @@ class PodView:
     disruption: str | None = None  # why the pod was disrupted (evicted, preempted, drained)
     waiting_reason: str | None = None  # a container waiting to start: ImagePullBackOff, ...
     waiting_message: str | None = None
+    claims: tuple[str, ...] = ()  # the ResourceClaims Kubernetes made for the pod (DRA)
 
     @classmethod
-    def from_api(cls, pod: Any) -> PodView:
-        """From a kubernetes.client V1Pod."""
+    def from_api(cls, pod: Mapping[str, Any]) -> PodView:
+        """From a Pod as the API server sends it (JSON, camelCase)."""
+        status = pod.get("status") or {}
         unschedulable = disruption = None
-        for condition in pod.status.conditions or []:
-            if condition.type == "PodScheduled" and condition.status == "False":
-                unschedulable = condition.message or condition.reason or "unschedulable"
-            if condition.type == "DisruptionTarget" and condition.status == "True":
-                disruption = ": ".join(x for x in (condition.reason, condition.message) if x)
-                disruption = disruption or "disrupted"
+        for condition in status.get("conditions") or []:
+            kind, true = condition.get("type"), condition.get("status") == "True"
+            if kind == "PodScheduled" and not true:
+                unschedulable = condition.get("message") or condition.get("reason")
+                unschedulable = unschedulable or "unschedulable"
+            if kind == "DisruptionTarget" and true:
+                parts = (condition.get("reason"), condition.get("message"))
+                disruption = ": ".join(x for x in parts if x) or "disrupted"
         started = finished = message = waiting_reason = waiting_message = None
         exit_code = None
-        statuses = [
-            *(pod.status.init_container_statuses or []),
-            *(pod.status.container_statuses or []),
-        ]
-        for status in statuses:
-            waiting = status.state.waiting if status.state else None
-            if waiting is not None and waiting.reason and waiting_reason is None:
-                waiting_reason = waiting.reason
-                waiting_message = " ".join((waiting.message or "").split()) or None
-        for status in pod.status.container_statuses or []:
-            if status.state and status.state.running:
-                started = _time(status.state.running.started_at)
-            if status.state and status.state.terminated:
-                terminated = status.state.terminated
-                started = _time(terminated.started_at)
-                finished = _time(terminated.finished_at)
-                exit_code = terminated.exit_code
-                message = terminated.message
+        containers = status.get("containerStatuses") or []
+        for container in [*(status.get("initContainerStatuses") or []), *containers]:
+            waiting = (container.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason") and waiting_reason is None:
+                waiting_reason = waiting["reason"]
+                waiting_message = " ".join((waiting.get("message") or "").split()) or None
+        for container in containers:
+            state = container.get("state") or {}
+            if state.get("running"):
+                started = state["running"].get("startedAt")
+            if state.get("terminated"):
+                terminated = state["terminated"]
+                started = terminated.get("startedAt")
+                finished = terminated.get("finishedAt")
+                exit_code = terminated.get("exitCode")
+                message = terminated.get("message")
+        meta = pod["metadata"]
         return cls(
-            name=pod.metadata.name,
-            created=_time(pod.metadata.creation_timestamp) or "",
-            node=pod.spec.node_name,
-            phase=pod.status.phase or "Pending",
+            name=meta["name"],
+            created=meta.get("creationTimestamp") or "",
+            node=(pod.get("spec") or {}).get("nodeName"),
+            phase=status.get("phase") or "Pending",
             unschedulable=unschedulable,
-            started_at=started or _time(pod.status.start_time),
+            started_at=started or status.get("startTime"),
             finished_at=finished,
             exit_code=exit_code,
             termination_message=message,
             disruption=disruption,
             waiting_reason=waiting_reason,
             waiting_message=waiting_message,
+            claims=tuple(
+                c["resourceClaimName"]
+                for c in status.get("resourceClaimStatuses") or []
+                if c.get("resourceClaimName")
+            ),
         )
 
     @property
@@ -134,27 +135,28 @@ class JobView:
     uid: str = ""
 
     @classmethod
-    def from_api(cls, job: Any) -> JobView:
-        """From a kubernetes.client V1Job."""
+    def from_api(cls, job: Mapping[str, Any]) -> JobView:
+        """From a Job as the API server sends it (JSON, camelCase)."""
         complete_time = failed_reason = failed_message = failed_time = None
-        for condition in job.status.conditions or []:
-            if condition.status != "True":
+        status = job.get("status") or {}
+        for condition in status.get("conditions") or []:
+            if condition.get("status") != "True":
                 continue
-            if condition.type == "Complete":
-                complete_time = _time(condition.last_transition_time) or ""
-            elif condition.type == "Failed":
-                failed_reason = condition.reason or "JobFailed"
-                failed_message = condition.message or ""
-                failed_time = _time(condition.last_transition_time)
-        annotations = job.metadata.annotations or {}
+            if condition.get("type") == "Complete":
+                complete_time = condition.get("lastTransitionTime") or ""
+            elif condition.get("type") == "Failed":
+                failed_reason = condition.get("reason") or "JobFailed"
+                failed_message = condition.get("message") or ""
+                failed_time = condition.get("lastTransitionTime")
+        meta = job["metadata"]
         return cls(
-            name=job.metadata.name,
-            uid=job.metadata.uid or "",
-            spec_hash=annotations.get(ANNOTATION_SPEC_HASH),
-            suspended=bool(job.spec.suspend),
-            active=job.status.active or 0,
-            failed=job.status.failed or 0,
-            succeeded=job.status.succeeded or 0,
+            name=meta["name"],
+            uid=meta.get("uid") or "",
+            spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
+            suspended=bool((job.get("spec") or {}).get("suspend")),
+            active=status.get("active") or 0,
+            failed=status.get("failed") or 0,
+            succeeded=status.get("succeeded") or 0,
             complete_time=complete_time,
             failed_reason=failed_reason,
             failed_message=failed_message,

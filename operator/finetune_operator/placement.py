@@ -131,13 +131,17 @@ class Diagnosis:
     message: str
 
 
-def summarize_nodes(nodes: Iterable[GpuNode]) -> str:
-    """E.g. "2 × 8.0 NVIDIA-A100-SXM4-80GB, 1 × 7.5 Tesla-T4", newest first."""
+NO_GPU_NODES = "no nodes with GPU Feature Discovery labels"
+
+
+def summarize_nodes(nodes: Iterable[GpuNode], none: str = NO_GPU_NODES) -> str:
+    """E.g. "2 × 8.0 NVIDIA-A100-SXM4-80GB, 1 × 7.5 Tesla-T4", newest first; `none` when empty.
+    (A GpuNode is a node in device-plugin mode, one device of a ResourceSlice with DRA.)"""
     counts = Counter(
         (n.capability, n.product, n.memory_mib) for n in nodes if n.capability is not None
     )
     if not counts:
-        return "no nodes with GPU Feature Discovery labels"
+        return none
     ordered = sorted(counts.items(), key=lambda item: (item[0][0], item[0][1]), reverse=True)
     parts = []
     for (capability, product, memory), count in ordered:
@@ -149,18 +153,24 @@ def summarize_nodes(nodes: Iterable[GpuNode]) -> str:
 
 
 def diagnose_unschedulable(
-    requirement: GpuRequirement, nodes: Iterable[GpuNode], scheduler_message: str
+    requirement: GpuRequirement,
+    nodes: Iterable[GpuNode],
+    scheduler_message: str,
+    noun: str = "nodes",
+    none: str = NO_GPU_NODES,
 ) -> Diagnosis:
-    """Why a training pod cannot be placed, in terms of the job's GPU requirement."""
+    """Why a training pod cannot be placed, in terms of the job's GPU requirement. `nodes` are
+    the GPU nodes (device plugin) or the GPUs the ResourceSlices offer (DRA: noun "devices")."""
     gpu_nodes = [n for n in nodes if n.capability is not None]
     capable = [n for n in gpu_nodes if n.capable(requirement)]
-    offer = summarize_nodes(gpu_nodes)
+    offer = summarize_nodes(gpu_nodes, none)
     if not capable:
-        return Diagnosis("NoCompatibleGPU", f"{requirement.describe()}; nodes: {offer}")
+        return Diagnosis("NoCompatibleGPU", f"{requirement.describe()}; {noun}: {offer}")
     if not any(n.roomy(requirement) for n in capable):
         return Diagnosis(
             "InsufficientGPUMemory",
-            f"{requirement.describe()} (estimated); compatible nodes: {summarize_nodes(capable)}",
+            f"{requirement.describe()} (estimated); compatible {noun}: "
+            f"{summarize_nodes(capable, none)}",
         )
     return Diagnosis(
         "Unschedulable",

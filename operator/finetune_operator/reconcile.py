@@ -11,6 +11,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -25,17 +26,27 @@ from finetune_api.resource import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
-from finetune_operator import builders
+from finetune_operator import builders, dra
 from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
+from finetune_operator.dra import Allocation
 from finetune_operator.kube import Kube, api_message
 from finetune_operator.kueue import WorkloadView
 from finetune_operator.observe import JobView, PodView
-from finetune_operator.placement import GpuRequirement, diagnose_unschedulable, gpu_requirement
+from finetune_operator.placement import (
+    Diagnosis,
+    GpuNode,
+    GpuRequirement,
+    diagnose_unschedulable,
+    gpu_requirement,
+)
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observation, Transition, derive, finished
 
 log = logging.getLogger(__name__)
+# Children are created concurrently: the requests are independent and the API server is the wait.
+SHAPED = ("ConfigMap", "ResourceClaimTemplate", "Job")  # what the spec shapes: dry-run first
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
@@ -140,9 +151,10 @@ class Reconciler:
     def refresh_job(self, namespace: str, job_name: str) -> None:
         """Kueue's Workload of this Job changed: refresh the FineTuneJob that owns the Job."""
         api_job = self.kube.get_job(namespace, job_name)
-        if api_job is None or builders.LABEL_UID not in (api_job.metadata.labels or {}):
+        meta = api_job["metadata"] if api_job is not None else {}
+        if builders.LABEL_UID not in (meta.get("labels") or {}):
             return  # not one of ours
-        owner = (api_job.metadata.annotations or {}).get(builders.LABEL_NAME)
+        owner = (meta.get("annotations") or {}).get(builders.LABEL_NAME)
         if owner:
             self.refresh(namespace, owner)
 
@@ -163,37 +175,39 @@ class Reconciler:
                 builders.build_role_binding(job),
             ]
         children.append(builders.build_config_map(job, spec, requirement))
+        if self.settings.dra:
+            children.append(builders.build_resource_claim_template(job, spec, requirement))
         children.append(builders.build_job(job, spec, requirement, self.settings))
         return children
 
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> ChildFailure | None:
-        """Create the missing children, all or none: the ConfigMap and the Job (what the spec
-        shapes) are first checked by a server-side dry run, and what this pass created is deleted
-        again if a later child is refused."""
+        """Create the missing children, all or none, in three round trips of concurrent requests:
+        a server-side dry run of what the spec shapes (the ConfigMap, the ResourceClaimTemplate in
+        DRA mode, the Job), then the children the Job's pods need, then the Job. A refused dry run
+        creates nothing; what a pass created is deleted again if a later child is refused."""
         children = self._children(job, spec, requirement)
-        checked = {id(c) for c in children if child_kind(c) in ("ConfigMap", "Job")}
-        missing = set()
-        for child in children:
-            if id(child) in checked:
-                creatable = self._create(child, dry_run=True)
-                if isinstance(creatable, ChildFailure):
-                    return creatable  # nothing created
-                if creatable:
-                    missing.add(id(child))
+        shaped = [c for c in children if child_kind(c) in SHAPED]
+        checks = list(_POOL.map(lambda c: self._create(c, dry_run=True), shaped))
+        failure = next((o for o in checks if isinstance(o, ChildFailure)), None)
+        if failure is not None:
+            return failure  # nothing created
+        exists = {id(c) for c, o in zip(shaped, checks, strict=True) if o is False}
+        todo = [c for c in children if id(c) not in exists]
+        jobs = [c for c in todo if child_kind(c) == "Job"]
         created: list[Any] = []
-        for child in children:
-            if id(child) in checked and id(child) not in missing:
-                continue
-            outcome = self._create(child)
-            if isinstance(outcome, ChildFailure):
+        for stage in ([c for c in todo if child_kind(c) != "Job"], jobs):
+            outcomes = list(_POOL.map(self._create, stage))
+            created += [c for c, o in zip(stage, outcomes, strict=True) if o is True]
+            failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)
+            if failure is not None:
                 for done in reversed(created):
                     self.kube.delete(done)
-                return outcome
-            if outcome:
-                created.append(child)
-                log.info("created %s %s/%s", child_kind(child), job.namespace, child.metadata.name)
+                return failure
+        if created:
+            names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
+            log.info("%s/%s: created %s", job.namespace, job.name, names)
         return None
 
     def _create(self, child: Any, *, dry_run: bool = False) -> bool | ChildFailure:
@@ -225,8 +239,10 @@ class Reconciler:
         if job_view is not None and not pods:
             job_events = tuple(self.kube.job_events(job.namespace, job_view.name))
         newest = max(pods, key=lambda p: (p.created, p.name), default=None)
-        node = diagnosis = None
-        if newest is not None and newest.node is not None:
+        node = diagnosis = allocation = None
+        if newest is not None and self.settings.dra:
+            node, diagnosis, allocation = self._dra_placement(job.namespace, requirement, newest)
+        elif newest is not None and newest.node is not None:
             node = self.kube.gpu_node(newest.node, self.settings.labels)
         elif newest is not None and newest.unschedulable is not None:
             nodes = self.kube.gpu_nodes(self.settings.labels)
@@ -245,6 +261,7 @@ class Reconciler:
             pods=pods,
             node=node,
             diagnosis=diagnosis,
+            allocation=allocation,
             suspend=spec.suspend,
             spec_changed=job_view is not None and job_view.spec_hash != builders.spec_hash(spec),
             adapter_uri=spec.output.uri,
@@ -255,6 +272,30 @@ class Reconciler:
             workload=workload,
         )
         self._write_status(body, obs)
+
+    def _dra_placement(
+        self, namespace: str, requirement: GpuRequirement, pod: PodView
+    ) -> tuple[GpuNode | None, Diagnosis | None, Allocation | None]:
+        """DRA: the devices the pod's claim was allocated once it is bound; while it cannot be
+        placed, why, against the GPUs the ResourceSlices offer."""
+        if pod.node is None and pod.unschedulable is None:
+            return None, None, None
+        offered = self.kube.gpu_devices()
+        if pod.node is None:
+            diagnosis = diagnose_unschedulable(
+                requirement,
+                [d.as_gpu() for d in offered],
+                pod.unschedulable or "",
+                noun="devices",
+                none=dra.NO_DEVICES,
+            )
+            return None, diagnosis, None
+        for name in pod.claims:
+            claim = self.kube.get_resource_claim(namespace, name)
+            found = dra.allocation(claim, offered) if claim is not None else None
+            if found is not None:
+                return found.summary(pod.node), None, found
+        return None, None, None
 
     def _apply_run_control(
         self,

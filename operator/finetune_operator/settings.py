@@ -11,10 +11,15 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from finetune_api.gpu import DEFAULT_MIN_CAPABILITY, ComputeCapability, parse_capability_table
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer:0.1.0"
+# How training pods ask for GPUs: the device plugin's extended resource with node affinity on GPU
+# Feature Discovery labels, or a ResourceClaim (Dynamic Resource Allocation, NVIDIA's DRA driver).
+GpuAllocation = Literal["device-plugin", "dra"]
+GPU_ALLOCATIONS: tuple[GpuAllocation, ...] = ("device-plugin", "dra")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Settings:
 
     trainer_image: str = DEFAULT_TRAINER_IMAGE
     image_pull_policy: str = "IfNotPresent"
+    gpu_allocation: GpuAllocation = "device-plugin"
     labels: GpuLabels = field(default_factory=GpuLabels)
     min_capability: dict[str, ComputeCapability] = field(
         default_factory=lambda: dict(DEFAULT_MIN_CAPABILITY)
@@ -58,6 +64,10 @@ class Settings:
     @property
     def clusterwide(self) -> bool:
         return not self.namespaces
+
+    @property
+    def dra(self) -> bool:
+        return self.gpu_allocation == "dra"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -98,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
              + " ('none' = LoRA without quantization). Defaults: "
              + ", ".join(f"{k}={v}" for k, v in DEFAULT_MIN_CAPABILITY.items())
              + " [FINETUNE_MIN_CAPABILITY]")  # fmt: skip
+    add("--gpu-allocation", default=_env("GPU_ALLOCATION", "device-plugin"),
+        choices=GPU_ALLOCATIONS,
+        help="how training pods request GPUs: 'device-plugin' (nvidia.com/gpu limits and node "
+             "affinity on GPU Feature Discovery labels) or 'dra' (a ResourceClaimTemplate per job "
+             "for the NVIDIA DRA driver's DeviceClass gpu.nvidia.com, with CEL selectors on "
+             "compute capability and memory) [FINETUNE_GPU_ALLOCATION]")  # fmt: skip
     defaults = GpuLabels()
     add("--label-compute-major", default=_env("LABEL_COMPUTE_MAJOR", defaults.compute_major),
         help="node label with the GPU's compute capability major [FINETUNE_LABEL_COMPUTE_MAJOR]")  # fmt: skip
@@ -163,6 +179,13 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
         table = parse_capability_table(args.min_capability or "")
     except ValueError as exc:
         parser.error(f"--min-capability: {exc}")
+    if (
+        args.gpu_allocation not in GPU_ALLOCATIONS
+    ):  # argparse checks choices only on the command line
+        parser.error(
+            f"--gpu-allocation (FINETUNE_GPU_ALLOCATION): invalid choice "
+            f"{args.gpu_allocation!r} (choose from {', '.join(GPU_ALLOCATIONS)})"
+        )
     if args.webhook and args.webhook_service and not args.webhook_namespace:
         parser.error("--webhook-service needs --webhook-namespace (or POD_NAMESPACE)")
     if args.webhook and not (args.webhook_service or args.webhook_url):
@@ -170,6 +193,7 @@ def parse_settings(argv: Sequence[str] | None = None) -> Settings:
     return Settings(
         trainer_image=args.trainer_image,
         image_pull_policy=args.image_pull_policy,
+        gpu_allocation=args.gpu_allocation,
         labels=GpuLabels(
             compute_major=args.label_compute_major,
             compute_minor=args.label_compute_minor,

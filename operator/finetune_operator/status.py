@@ -20,6 +20,7 @@ from finetune_api.resource import (
     Result,
 )
 from finetune_operator.children import ChildFailure
+from finetune_operator.dra import Allocation
 from finetune_operator.kueue import WorkloadView, admitted_message, waiting
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
@@ -39,6 +40,7 @@ class Observation:
     pods: tuple[PodView, ...] = ()
     node: GpuNode | None = None  # the node the newest pod is bound to
     diagnosis: Diagnosis | None = None  # why the newest pod cannot be scheduled
+    allocation: Allocation | None = None  # DRA: the devices the newest pod's claim was given
     suspend: bool = False
     spec_changed: bool = False
     adapter_uri: str | None = None
@@ -128,6 +130,11 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
         estimated_gpu_memory_mib=requirement.memory.required_mib if requirement.memory else None,
     )
     newest = _newest(obs.pods)
+    # What was seen of the same placement stays when it can no longer be read (a DRA claim is
+    # deallocated once its pod has finished; a node may be gone).
+    same = None
+    if previous is not None and newest is not None and previous.node == newest.node:
+        same = previous
     if newest is not None and newest.node is not None:
         placement.node = newest.node
         if obs.node is not None:
@@ -135,10 +142,21 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
             placement.node_compute_capability = (
                 str(obs.node.capability) if obs.node.capability else None
             )
+        elif same is not None:
+            placement.gpu_product = same.gpu_product
+            placement.node_compute_capability = same.node_compute_capability
+        if obs.allocation is not None:
+            placement.resource_claim = obs.allocation.claim
+            placement.gpu_devices = obs.allocation.refs
+        elif same is not None:
+            placement.resource_claim = same.resource_claim
+            placement.gpu_devices = same.gpu_devices
     elif previous is not None and previous.node is not None:
         placement.node = previous.node
         placement.gpu_product = previous.gpu_product
         placement.node_compute_capability = previous.node_compute_capability
+        placement.resource_claim = previous.resource_claim
+        placement.gpu_devices = previous.gpu_devices
     return placement
 
 
@@ -360,7 +378,10 @@ def _active(
     where = pod.node
     if obs.node is not None and obs.node.capability is not None:
         where += f" ({obs.node.capability} {obs.node.product})"
-    b.set(ConditionType.SCHEDULED, "True", "Bound", f"bound to node {where}")
+    bound = f"bound to node {where}"
+    if obs.allocation is not None and obs.allocation.devices:
+        bound += f", devices {', '.join(obs.allocation.refs)} (claim {obs.allocation.claim})"
+    b.set(ConditionType.SCHEDULED, "True", "Bound", bound)
     return _on_node(b, obs, status, pod, where)
 
 

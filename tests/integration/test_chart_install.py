@@ -14,7 +14,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node
+from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node, install_device_class, publish_gpus
 from integration.harness import (
     Cluster,
     create_restricted_namespace,
@@ -45,6 +45,10 @@ def fresh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, F
     with running_cluster(tmp_path_factory.mktemp("chart-cluster")) as cluster:
         for key in ("a100", "h100"):
             create_gpu_node(cluster.core, f"gpu-{key}", GPU_TYPES[key], gpus=1)
+        # For gpuAllocation=dra: a node whose GPU only a ResourceSlice of the NVIDIA driver offers.
+        install_device_class(cluster.api)
+        create_gpu_node(cluster.core, "dra-h100", None)
+        publish_gpus(cluster.api, "dra-h100", [GPU_TYPES["h100"]])
         with FakeKubelet(cluster.api, auto_start=True) as kubelet:
             yield cluster, kubelet
 
@@ -68,16 +72,15 @@ def service_account_kubeconfig(cluster: Cluster, name: str, system: str, path: P
     return path
 
 
-@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced"])
+@pytest.mark.parametrize("mode", ["cluster-wide", "namespaced", "dra"])
 def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
     fresh: tuple[Cluster, FakeKubelet], tmp_path: Path, mode: str
 ) -> None:
     cluster, kubelet = fresh
     release, system = f"ftj-{mode}", f"{SYSTEM}-{mode}"
     ns = make_namespace(cluster, tmp_path, prefix="team")
-    docs = rendered(
-        release, system, *([f"watch.namespaces={{{ns.name}}}"] if mode == "namespaced" else [])
-    )
+    sets = {"namespaced": [f"watch.namespaces={{{ns.name}}}"], "dra": ["gpuAllocation=dra"]}
+    docs = rendered(release, system, *sets.get(mode, []))
     create_restricted_namespace(cluster, system)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     cluster.kubectl(
@@ -121,6 +124,11 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
             )
 
         training_pod = wait_for(running, timeout=90, what="the job Running", describe=log.read_text)
+        if mode == "dra":  # placed by the claim's allocation, which the operator read back
+            placement = ns.ftj("llama")["status"]["placement"]
+            assert training_pod.spec.node_name == "dra-h100"
+            assert placement["gpuDevices"] == ["dra-h100/gpu-0"]
+            assert placement["gpuProduct"] == GPU_TYPES["h100"].name
         job = cluster.batch.read_namespaced_job("llama-train", ns.name)
         assert (
             restricted_violations(
@@ -175,6 +183,20 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
         assert not can(*forbidden), forbidden
     if mode == "namespaced":
         assert not can("create", "jobs.batch", "-n", "default")  # only the watched namespaces
+    dra_rights = (
+        ("create", "resourceclaimtemplates.resource.k8s.io", "-n", ns.name),
+        ("get", "resourceclaims.resource.k8s.io", "-n", ns.name),
+        ("list", "resourceslices.resource.k8s.io"),
+    )
+    for request in dra_rights:  # only what DRA mode uses, and only in DRA mode
+        assert can(*request) == (mode == "dra"), request
+    for forbidden in (
+        ("create", "resourceclaims.resource.k8s.io", "-n", ns.name),
+        ("patch", "resourceclaims.resource.k8s.io/status", "-n", ns.name),
+        ("create", "resourceslices.resource.k8s.io"),
+        ("create", "deviceclasses.resource.k8s.io"),
+    ):
+        assert not can(*forbidden), forbidden
     refused = subprocess.run(
         ["kubectl", "--kubeconfig", str(sa_config), "get", "secrets", "-n", ns.name],
         capture_output=True, text=True, env=cluster.env, check=False,

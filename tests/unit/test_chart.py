@@ -63,6 +63,7 @@ def test_helm_lint_is_clean(values: Path | None) -> None:
         (["trainer.minCapability.fp8=nine"], "does not match pattern"),
         (["webhook.enabled=maybe"], "got string, want boolean"),
         (["image.pullPolicy=Sometimes"], "value must be one of"),
+        (["gpuAllocation=gpu-operator"], "value must be one of 'device-plugin', 'dra'"),
     ],
 )
 def test_schema_rejects_unknown_keys_and_wrong_types(sets: list[str], message: str) -> None:
@@ -174,6 +175,7 @@ def test_operator_accepts_the_rendered_arguments(values: Path | None) -> None:
             "minCapability"
         ]
         assert settings.clusterwide and not settings.webhook and settings.peering is None
+        assert settings.gpu_allocation == "device-plugin"
         assert deployment["spec"]["strategy"]["type"] == "Recreate"
 
 
@@ -240,3 +242,37 @@ def test_image_tags_default_to_the_app_version() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     assert f"ghcr.io/finetune-operator/operator:{chart['appVersion']}" in dockerfile
     assert f"ghcr.io/finetune-operator/trainer:{chart['appVersion']}" in dockerfile
+
+
+def test_dra_rbac_only_with_dra_and_only_what_it_uses() -> None:
+    """gpuAllocation=dra: ResourceClaimTemplates (created, read, deleted to undo), ResourceClaims
+    (get) and ResourceSlices (list); the default grants nothing of resource.k8s.io."""
+
+    def dra_rules(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
+            for rule in role["rules"]:
+                if "resource.k8s.io" in rule["apiGroups"]:
+                    assert rule["apiGroups"] == ["resource.k8s.io"]
+                    for resource in rule["resources"]:
+                        found[resource] = sorted(rule["verbs"])
+        return found
+
+    assert dra_rules(render()) == {}
+    expected = {
+        "resourceclaimtemplates": ["create", "delete", "get", "list", "watch"],
+        "resourceclaims": ["get"],
+        "resourceslices": ["list"],
+    }
+    assert dra_rules(render(None, "gpuAllocation=dra")) == expected
+    namespaced = render(CHART / "ci" / "namespaced-values.yaml", "gpuAllocation=dra")
+    assert dra_rules(namespaced) == expected
+    (cluster_role,) = [
+        r for r in of_kind(namespaced, "ClusterRole") if r["metadata"]["name"].endswith("-cluster")
+    ]
+    cluster_resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert "resourceslices" in cluster_resources  # cluster-scoped
+    assert "resourceclaimtemplates" not in cluster_resources  # only in the watched namespaces
+    (deployment,) = of_kind(render(None, "gpuAllocation=dra"), "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert parse_settings([*args, "--webhook-namespace=ops"]).gpu_allocation == "dra"

@@ -163,9 +163,6 @@ def test_container_creating_is_just_starting() -> None:
 
 
 def test_pod_view_reads_waiting_reason() -> None:
-    from kubernetes import client
-
-    api = client.ApiClient()
     raw = {
         "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {"nodeName": "n", "containers": [{"name": "trainer"}]},
@@ -180,10 +177,7 @@ def test_pod_view_reads_waiting_reason() -> None:
         },
     }  # fmt: skip
 
-    class Response:
-        data = json.dumps(raw)
-
-    view = PodView.from_api(api.deserialize(Response(), "V1Pod"))
+    view = PodView.from_api(json.loads(json.dumps(raw)))
     assert (view.waiting_reason, view.waiting_message) == (
         "CreateContainerConfigError", 'secret "hf-token" not found'
     )  # fmt: skip

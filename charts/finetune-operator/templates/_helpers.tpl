@@ -81,6 +81,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [get, list, watch, patch]
+{{- if eq .Values.gpuAllocation "dra" }}
+# Dynamic Resource Allocation: each job's ResourceClaimTemplate (watched so a deleted one is made
+# again, deleted only to undo a half-created set), and the claims made from it (read: which
+# devices were allocated).
+- apiGroups: [resource.k8s.io]
+  resources: [resourceclaimtemplates]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [resource.k8s.io]
+  resources: [resourceclaims]
+  verbs: [get]
+{{- end }}
 {{- if include "finetune-operator.peering" . }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
