@@ -294,6 +294,7 @@ class FakeKubelet:
         self.stop_delay = stop_delay
         self._seen: set[str] = set()
         self._stopping: set[str] = set()
+        self._reported: dict[str, threading.Event] = {}
         self._thread = threading.Thread(target=self._loop, name="fake-kubelet", daemon=True)
 
     def __enter__(self) -> FakeKubelet:
@@ -341,15 +342,24 @@ class FakeKubelet:
         if self.auto_start or self.runner is not None:
             self.set_running(pod)
         if self.runner is not None:
+            self._reported[key] = threading.Event()
             threading.Thread(target=self._run, args=(pod,), daemon=True).start()
 
     def _stop_pod(self, pod: Any) -> None:
         """As a kubelet does on a graceful deletion: the container gets SIGTERM and takes a moment
-        to stop (exit 143), the pod ends Failed, then the kubelet removes it."""
-        time.sleep(self.stop_delay)
+        to stop (exit 143), the pod ends Failed, then the kubelet removes it. A runner with a
+        `stop(pod, grace)` (podrunner) really signals the process and waits for it, within the
+        pod's grace period; the pod then ends with the process's own exit status."""
+        stop = getattr(self.runner, "stop", None)
+        grace = pod.metadata.deletion_grace_period_seconds or 30
+        reported = self._reported.get(pod.metadata.uid)
+        if stop is not None and reported is not None and stop(pod, grace):
+            reported.wait(timeout=grace + 30)  # _run reports the exit status
+        else:
+            time.sleep(self.stop_delay)
         with contextlib.suppress(ApiException):
-            if pod.status.phase not in ("Succeeded", "Failed"):
-                fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+            fresh = self.core.read_namespaced_pod(pod.metadata.name, pod.metadata.namespace)
+            if fresh.status.phase not in ("Succeeded", "Failed"):
                 self.core.patch_namespaced_pod_status(
                     pod.metadata.name,
                     pod.metadata.namespace,
@@ -365,7 +375,10 @@ class FakeKubelet:
         except Exception as exc:  # the runner itself broke: the container "crashed"
             log.exception("runner failed")
             exit_code, message = 128, f"simulated runtime error: {exc}"
-        self.finish(pod, exit_code, message)
+        try:
+            self.finish(pod, exit_code, message)
+        finally:
+            self._reported[pod.metadata.uid].set()
 
     def set_running(self, pod: Any) -> None:
         self.core.patch_namespaced_pod_status(

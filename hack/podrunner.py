@@ -29,9 +29,11 @@ import base64
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,8 @@ class LocalRuntime:
     workdir: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     timeout: float = 600
+    _running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def for_trainer(
@@ -103,10 +107,20 @@ class LocalRuntime:
         stage = f"/run/podrunner-{base.name}"  # outside every volume's mount path
         script = self._script(mounts, container, argv, stage)
         with open(log_path, "wb") as log:
-            proc = subprocess.run(
+            proc = subprocess.Popen(
                 ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                env=env, stdout=log, stderr=subprocess.STDOUT, timeout=self.timeout, check=False,
+                env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
+            with self._lock:
+                self._running[pod.metadata.uid] = proc
+            try:
+                proc.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            finally:
+                with self._lock:
+                    self._running.pop(pod.metadata.uid, None)
         created = [
             m for m in mounts if m.target.startswith(("/etc/", "/var/run/", "/mnt/", "/dev/"))
         ]
@@ -121,6 +135,21 @@ class LocalRuntime:
             lines = log_path.read_text(errors="replace").splitlines()[-80:]
             message = "\n".join(lines)[-TERMINATION_LIMIT:]
         return proc.returncode, message
+
+    def stop(self, pod: Any, grace: float) -> bool:
+        """A graceful deletion, as a kubelet does it: SIGTERM to the pod's container process
+        (`unshare` and `sh` exec it, so the pid is the trainer's), SIGKILL after `grace` seconds.
+        False when no process of this pod runs here. `run` then returns its exit status."""
+        with self._lock:
+            proc = self._running.get(pod.metadata.uid)
+        if proc is None or proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return True
 
     def _mounts(self, pod: Any, container: Any, base: Path) -> list[Mount]:
         volumes = {v.name: v for v in pod.spec.volumes or []}

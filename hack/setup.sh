@@ -7,6 +7,8 @@
 #   - the control-plane binaries of $KUBE_VERSION (default: the newest release we pin; see
 #     hack/kube-versions.sh), built from Go modules into ~/.cache once (hack/kube-binaries.sh).
 #     FINETUNE_SETUP_KUBE_VERSIONS="1.37.2 1.34.4" builds several.
+#   - the Kueue controller manager and its CRDs (the release pinned in hack/kueue-binaries.sh),
+#     built from its Go module into ~/.cache once, for tests/integration/test_kueue.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,4 +56,5 @@ source hack/kube-versions.sh
 for version in ${FINETUNE_SETUP_KUBE_VERSIONS:-${KUBE_VERSION:-$KUBE_VERSION_NEWEST}}; do
   KUBE_VERSION=$version hack/kube-binaries.sh >/dev/null
 done
+hack/kueue-binaries.sh >/dev/null
 log "ready"

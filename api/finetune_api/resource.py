@@ -341,8 +341,16 @@ class FineTuneJobSpec(KubeModel):
         return self.training.pretrained_model
 
 
+# Kueue's own label: on a FineTuneJob it names the LocalQueue the training Job is submitted to
+# (the operator copies it, and the WorkloadPriorityClass label, onto the Job).
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+
+
 class Phase(enum.StrEnum):
     PENDING = "Pending"
+    QUEUED = "Queued"
+    ADMITTED = "Admitted"
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
@@ -358,6 +366,7 @@ class ConditionType(enum.StrEnum):
     SUSPENDED = "Suspended"
     SPEC_CHANGED = "SpecChanged"
     CHILDREN = "ChildrenReady"
+    ADMITTED = "Admitted"
 
 
 class StatusModel(BaseModel):
@@ -373,8 +382,8 @@ class Condition(StatusModel):
         str,
         Field(
             description=(
-                "Validated, Scheduled, Running, Complete, Failed, Suspended, SpecChanged or "
-                "ChildrenReady."
+                "Validated, Scheduled, Running, Complete, Failed, Suspended, SpecChanged, "
+                "ChildrenReady or Admitted (Kueue's admission of a queued job)."
             )
         ),
     ]
@@ -435,6 +444,25 @@ class PlacementStatus(StatusModel):
     ] = None
 
 
+class QueueStatus(StatusModel):
+    """Where Kueue holds or admitted the job (only for a FineTuneJob with a queue-name label)."""
+
+    local_queue: Annotated[str | None, Field(description="The LocalQueue named by the label.")] = (
+        None
+    )
+    workload: Annotated[str | None, Field(description="Kueue's Workload for the Job.")] = None
+    cluster_queue: Annotated[
+        str | None, Field(description="The ClusterQueue that admitted the Workload.")
+    ] = None
+    flavors: Annotated[
+        list[str], Field(description="ResourceFlavors Kueue assigned, one per resource.")
+    ] = Field(default_factory=list)
+    evictions: Annotated[
+        int | None,
+        Field(description="How often Kueue evicted the Workload (preemption, deactivation)."),
+    ] = None
+
+
 class Progress(StatusModel):
     """Live training progress, reported by the trainer."""
 
@@ -462,7 +490,8 @@ class FineTuneJobStatus(StatusModel):
     """Observed state, written by the operator and the trainer only."""
 
     phase: Annotated[
-        Phase | None, Field(description="Pending, Running, Succeeded, Failed or Suspended.")
+        Phase | None,
+        Field(description="Pending, Queued, Admitted, Running, Succeeded, Failed or Suspended."),
     ] = None
     message: Annotated[
         str | None,
@@ -480,6 +509,7 @@ class FineTuneJobStatus(StatusModel):
     placement: Annotated[PlacementStatus | None, Field(description="GPU requirement and node.")] = (
         None
     )
+    queue: Annotated[QueueStatus | None, Field(description="Kueue's admission of the job.")] = None
     progress: Annotated[Progress | None, Field(description="Live training progress.")] = None
     result: Annotated[Result | None, Field(description="Adapter location and final metrics.")] = (
         None

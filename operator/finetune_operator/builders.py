@@ -57,7 +57,15 @@ from kubernetes.client import (
 )
 
 from finetune_api import trainer_config as tc
-from finetune_api.resource import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from finetune_api.resource import (
+    API_VERSION,
+    GROUP,
+    KIND,
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    PLURAL,
+    FineTuneJobSpec,
+)
 from finetune_operator import dra
 from finetune_operator.placement import GpuRequirement, node_affinity
 from finetune_operator.settings import Settings
@@ -81,6 +89,17 @@ class JobIdentity:
     namespace: str
     uid: str
     generation: int | None = None
+    queue: str | None = None  # the kueue.x-k8s.io/queue-name label: Kueue admits the Job
+    priority: str | None = None  # the kueue.x-k8s.io/priority-class label (a WorkloadPriorityClass)
+
+    @property
+    def queued(self) -> bool:
+        return self.queue is not None
+
+    def kueue_labels(self) -> dict[str, str]:
+        """The Kueue labels the training Job carries, copied from the FineTuneJob."""
+        found = {KUEUE_QUEUE_LABEL: self.queue, KUEUE_PRIORITY_LABEL: self.priority}
+        return {k: v for k, v in found.items() if v is not None}
 
 
 def child_name(name: str, suffix: str) -> str:
@@ -385,16 +404,20 @@ def build_job(
         volumes=volumes,
     )
     template_meta = V1ObjectMeta(labels=labels(job), annotations={LABEL_NAME: job.name})
+    metadata = _metadata(job, job_name(job.name), {ANNOTATION_SPEC_HASH: spec_hash(spec)})
+    metadata.labels = {**metadata.labels, **job.kueue_labels()}
     return V1Job(
         api_version="batch/v1",
         kind="Job",
-        metadata=_metadata(job, job_name(job.name), {ANNOTATION_SPEC_HASH: spec_hash(spec)}),
+        metadata=metadata,
         spec=V1JobSpec(
             backoff_limit=spec.backoff_limit,
             active_deadline_seconds=spec.active_deadline_seconds,
             completions=1,
             parallelism=1,
-            suspend=spec.suspend,
+            # A queued Job starts suspended and only Kueue unsuspends it (on admission); the
+            # operator never touches its suspend (spec.suspend becomes the Workload's active).
+            suspend=True if job.queued else spec.suspend,
             pod_failure_policy=pod_failure_policy(),
             # A replacement starts only once the old pod has stopped (and written its checkpoint).
             pod_replacement_policy="Failed",

@@ -17,6 +17,9 @@ from finetune_api.resource import GROUP, PLURAL, VERSION
 from finetune_operator import webhook
 from finetune_operator.builders import LABEL_NAME, LABEL_UID
 from finetune_operator.kube import Kube, load_config
+from finetune_operator.kueue import GROUP as KUEUE_GROUP
+from finetune_operator.kueue import JOB_UID_LABEL
+from finetune_operator.kueue import VERSION as KUEUE_VERSION
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
 
@@ -32,7 +35,7 @@ BATCH_WINDOW_SECONDS = 0.01  # kopf's wait for more events of one object (its de
 
 
 def not_started(status: Mapping[str, Any]) -> bool:
-    return status.get("phase") in (None, "Pending")
+    return status.get("phase") in (None, "Pending", "Queued", "Admitted")
 
 
 _state: dict[str, Any] = {}
@@ -171,3 +174,13 @@ async def child_changed(
     elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
+
+
+# Kueue's Workload of a queued job (Queued, Admitted, Evicted...). Inactive where Kueue's CRDs are
+# not installed: kopf serves only the resources the cluster has.
+@kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads", labels={JOB_UID_LABEL: kopf.PRESENT})
+def workload_changed(body: kopf.Body, **_: Any) -> None:
+    namespace = body.metadata.namespace
+    for owner in body.metadata.get("ownerReferences") or []:
+        if owner.get("kind") == "Job" and owner.get("apiVersion") == "batch/v1" and namespace:
+            _reconciler().refresh_job(namespace, owner["name"])

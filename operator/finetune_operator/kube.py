@@ -9,7 +9,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
-from finetune_operator import dra
+from finetune_operator import dra, kueue
 from finetune_operator.builders import LABEL_UID
 from finetune_operator.dra import GpuDevice
 from finetune_operator.placement import GpuNode
@@ -175,6 +175,26 @@ class Kube:
                 name, namespace, {"spec": {"suspend": suspend}}, _content_type=MERGE_PATCH, **RAW
             )
         )
+
+    def get_workload(self, namespace: str, job_uid: str) -> dict[str, Any] | None:
+        """Kueue's Workload for the Job with this uid (None without one, or without Kueue)."""
+        try:
+            found = self.custom.list_namespaced_custom_object(
+                kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS,
+                label_selector=f"{kueue.JOB_UID_LABEL}={job_uid}",
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:  # Kueue's CRDs are not installed
+                return None
+            raise
+        items: list[dict[str, Any]] = found.get("items") or []
+        return items[0] if items else None
+
+    def set_workload_active(self, namespace: str, name: str, active: bool) -> None:
+        self.custom.patch_namespaced_custom_object(
+            kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
+            {"spec": {"active": active}}, _content_type=MERGE_PATCH,
+        )  # fmt: skip
 
     def list_pods(self, namespace: str, uid: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_UID}={uid}", **RAW)

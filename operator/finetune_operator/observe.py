@@ -132,6 +132,7 @@ class JobView:
     failed_reason: str | None
     failed_message: str | None
     failed_time: str | None
+    uid: str = ""
 
     @classmethod
     def from_api(cls, job: Mapping[str, Any]) -> JobView:
@@ -150,6 +151,7 @@ class JobView:
         meta = job["metadata"]
         return cls(
             name=meta["name"],
+            uid=meta.get("uid") or "",
             spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
             suspended=bool((job.get("spec") or {}).get("suspend")),
             active=status.get("active") or 0,

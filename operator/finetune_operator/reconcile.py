@@ -19,12 +19,19 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from finetune_api.errors import format_validation_error
-from finetune_api.resource import ConditionType, FineTuneJobSpec, FineTuneJobStatus
+from finetune_api.resource import (
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    ConditionType,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
 from finetune_operator import builders, dra
 from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
 from finetune_operator.dra import Allocation
 from finetune_operator.kube import Kube, api_message
+from finetune_operator.kueue import WorkloadView
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import (
     Diagnosis,
@@ -51,11 +58,14 @@ def now() -> str:
 
 def identity(body: Mapping[str, Any]) -> JobIdentity:
     meta = body["metadata"]
+    labels = meta.get("labels") or {}
     return JobIdentity(
         name=meta["name"],
         namespace=meta["namespace"],
         uid=meta["uid"],
         generation=meta.get("generation"),
+        queue=labels.get(KUEUE_QUEUE_LABEL),
+        priority=labels.get(KUEUE_PRIORITY_LABEL),
     )
 
 
@@ -141,6 +151,16 @@ class Reconciler:
             spec, _invalid = parse_spec(body)
             if spec is not None:
                 self._refresh(body, spec, gpu_requirement(spec, self.settings))
+
+    def refresh_job(self, namespace: str, job_name: str) -> None:
+        """Kueue's Workload of this Job changed: refresh the FineTuneJob that owns the Job."""
+        api_job = self.kube.get_job(namespace, job_name)
+        meta = api_job["metadata"] if api_job is not None else {}
+        if builders.LABEL_UID not in (meta.get("labels") or {}):
+            return  # not one of ours
+        owner = (meta.get("annotations") or {}).get(builders.LABEL_NAME)
+        if owner:
+            self.refresh(namespace, owner)
 
     def tick(self, namespace: str, name: str) -> None:
         """Periodic check of a job that has not started: heal a missing Job, refresh the status
@@ -232,8 +252,12 @@ class Reconciler:
         elif newest is not None and newest.unschedulable is not None:
             nodes = self.kube.gpu_nodes(self.settings.labels)
             diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
+        workload = None
+        if job.queued and job_view is not None:
+            found = self.kube.get_workload(job.namespace, job_view.uid)
+            workload = WorkloadView.from_api(found) if found is not None else None
         if job_view is not None:
-            self._apply_run_control(job, spec, job_view)
+            self._apply_run_control(job, spec, job_view, workload)
         obs = Observation(
             generation=job.generation,
             now=now(),
@@ -249,6 +273,8 @@ class Reconciler:
             child_failure=failure,
             expected_job=builders.job_name(job.name),
             job_events=job_events,
+            queue=job.queue,
+            workload=workload,
         )
         self._write_status(body, obs)
 
@@ -276,11 +302,25 @@ class Reconciler:
                 return found.summary(pod.node), None, found
         return None, None, None
 
-    def _apply_run_control(self, job: JobIdentity, spec: FineTuneJobSpec, view: JobView) -> None:
-        """Honour spec.suspend live through the Job's own suspend. (The Job's pod failure policy
-        stops retries the trainer said cannot succeed.)"""
+    def _apply_run_control(
+        self,
+        job: JobIdentity,
+        spec: FineTuneJobSpec,
+        view: JobView,
+        workload: WorkloadView | None,
+    ) -> None:
+        """Honour spec.suspend live: through the Job's own suspend, or, for a Job Kueue holds,
+        through Kueue's own switch, the Workload's spec.active (Kueue then evicts it and suspends
+        the Job; the operator never flips the suspend of a queued Job). (The Job's pod failure
+        policy stops retries the trainer said cannot succeed.)"""
         finished = view.complete_time is not None or view.failed_reason is not None
-        if not finished and view.suspended != spec.suspend:
+        if finished:
+            return
+        if job.queued:
+            if workload is not None and workload.active == spec.suspend:
+                self.kube.set_workload_active(job.namespace, workload.name, not spec.suspend)
+            return
+        if view.suspended != spec.suspend:
             self.kube.set_job_suspend(job.namespace, view.name, spec.suspend)
 
     def _write_status(self, body: Mapping[str, Any], obs: Observation) -> None:

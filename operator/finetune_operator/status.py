@@ -16,10 +16,12 @@ from finetune_api.resource import (
     FineTuneJobStatus,
     Phase,
     PlacementStatus,
+    QueueStatus,
     Result,
 )
 from finetune_operator.children import ChildFailure
 from finetune_operator.dra import Allocation
+from finetune_operator.kueue import WorkloadView, admitted_message, waiting
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
 
@@ -45,6 +47,8 @@ class Observation:
     child_failure: ChildFailure | None = None  # the API server refused to create a child
     expected_job: str | None = None  # the training Job's name
     job_events: tuple[tuple[str, str, str], ...] = ()  # Warning Events on the Job, oldest first
+    queue: str | None = None  # the LocalQueue (kueue.x-k8s.io/queue-name label), if queued
+    workload: WorkloadView | None = None  # Kueue's Workload for the Job
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,14 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
     return placement
 
 
+def _queue(obs: Observation, previous: QueueStatus | None) -> QueueStatus | None:
+    if obs.queue is None:
+        return None
+    if obs.workload is None:
+        return previous or QueueStatus(local_queue=obs.queue)
+    return obs.workload.queue_status(obs.queue)
+
+
 def _result(obs: Observation, pod: PodView | None) -> Result:
     outcome = pod.outcome if pod is not None else None
     result = outcome.result if outcome is not None and outcome.result is not None else Result()
@@ -177,6 +189,7 @@ def derive(
         start_time=previous.start_time,
         completion_time=previous.completion_time,
         result=previous.result,
+        queue=_queue(obs, previous.queue),
     )
     phase, reason, message = _phase(b, obs, status)
     status.phase = phase
@@ -234,6 +247,13 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
     finished = _finished(b, obs, status, job, pod)
     if finished is not None:
         return finished
+    return _runnable(b, obs, status, pod)
+
+
+def _runnable(
+    b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView | None
+) -> tuple[Phase, str, str]:
+    """A job not finished: suspended, queued, or on its way to run."""
     if obs.suspend:
         b.set(
             ConditionType.SUSPENDED,
@@ -244,7 +264,30 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
         b.clear(ConditionType.RUNNING, "Suspended", "suspended")
         return Phase.SUSPENDED, "Suspended", "suspended by spec.suspend"
     b.clear(ConditionType.SUSPENDED, "Resumed", "spec.suspend is false")
+    if obs.queue is not None:
+        return _admission(b, obs, status, pod, obs.queue)
     return _active(b, obs, status, pod)
+
+
+def _admission(
+    b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView | None, queue: str
+) -> tuple[Phase, str, str]:
+    """A queued job: Queued until Kueue admits its Workload, then as any job, with Admitted in
+    place of Pending while the admitted pod is on its way."""
+    wait = waiting(queue, obs.workload)
+    if wait is not None or obs.workload is None:
+        wait = wait or waiting(queue, None)
+        assert wait is not None
+        b.set(ConditionType.ADMITTED, "False", wait.reason, wait.message)
+        b.clear(ConditionType.RUNNING, "Queued", wait.message)
+        return Phase.QUEUED, wait.reason, wait.message
+    admitted = admitted_message(obs.workload)
+    b.set(ConditionType.ADMITTED, "True", "Admitted", admitted)
+    phase, reason, message = _active(b, obs, status, pod)
+    if phase is Phase.PENDING:  # admitted; the pod is on its way (or says why it is not)
+        generic = reason in ("Pending", "Starting")
+        return Phase.ADMITTED, "Admitted" if generic else reason, f"{admitted}; {message}"
+    return phase, reason, message
 
 
 def _children(b: _Builder, obs: Observation) -> tuple[Phase, str, str] | None:

@@ -136,6 +136,8 @@ def test_names_printer_columns_and_status() -> None:
     assert status["x-kubernetes-preserve-unknown-fields"] is True
     assert set(enum_of(status["properties"]["phase"])) == {
         "Pending",
+        "Queued",
+        "Admitted",
         "Running",
         "Succeeded",
         "Failed",

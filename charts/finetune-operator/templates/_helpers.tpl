@@ -76,6 +76,11 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch, list]
+# Kueue (queued jobs): read the Workload of a training Job; patch only its spec.active, Kueue's
+# own switch for spec.suspend of a queued job. Harmless where Kueue is not installed.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [get, list, watch, patch]
 {{- if eq .Values.gpuAllocation "dra" }}
 # Dynamic Resource Allocation: each job's ResourceClaimTemplate (watched so a deleted one is made
 # again, deleted only to undo a half-created set), and the claims made from it (read: which

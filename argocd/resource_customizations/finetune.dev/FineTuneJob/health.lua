@@ -11,7 +11,8 @@
 --   Validated=False, phase Failed or Failed=True        -> Degraded
 --   phase Succeeded or Complete=True                    -> Healthy
 --   phase Suspended, or spec.suspend and Suspended=True -> Suspended
---   anything else (waiting for a GPU, running)          -> Progressing
+--   anything else (queued in Kueue, waiting for a GPU,
+--   running)                                            -> Progressing
 
 local hs = {}
 
@@ -262,6 +263,14 @@ if phase == "Running" or has(running, "True") then
     hs.message = "training: started, no progress reported yet"
   end
   hs.message = hs.message .. spec_changed_note(status)
+  return hs
+end
+
+-- Kueue holds the job (its quota, or a preemption): the Admitted condition says why.
+local admitted = condition(status, "Admitted")
+if phase == "Queued" or has(admitted, "False") then
+  hs.status = "Progressing"
+  hs.message = "waiting for Kueue: " .. explain(admitted, "queued")
   return hs
 end
 
