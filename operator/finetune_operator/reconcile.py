@@ -46,6 +46,9 @@ from finetune_operator.status import Observation, Transition, derive, finished
 log = logging.getLogger(__name__)
 # Children are created concurrently: the requests are independent and the API server is the wait.
 SHAPED = ("ConfigMap", "ResourceClaimTemplate", "Job")  # what the spec shapes: dry-run first
+# Made once the others exist: binding a Role needs the Role (the API server checks that the
+# operator holds what it grants), and the Job's pods need the rest.
+LAST = ("RoleBinding", "Job")
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
@@ -189,7 +192,7 @@ class Reconciler:
     ) -> tuple[ChildFailure | None, bool]:
         """Create the missing children, all or none, in three round trips of concurrent requests:
         a server-side dry run of what the spec shapes (the ConfigMap, the ResourceClaimTemplate in
-        DRA mode, the Job), then the children the Job's pods need, then the Job. A refused dry run
+        DRA mode, the Job), then the other children, then the RoleBinding and the Job. A refused dry run
         creates nothing; what a pass created is deleted again if a later child is refused.
         Returns the refusal, if any, and whether the Job was created."""
         children = self._children(job, spec, requirement)
@@ -200,9 +203,9 @@ class Reconciler:
             return failure, False  # nothing created
         exists = {id(c) for c, o in zip(shaped, checks, strict=True) if o is False}
         todo = [c for c in children if id(c) not in exists]
-        jobs = [c for c in todo if child_kind(c) == "Job"]
+        last = [c for c in todo if child_kind(c) in LAST]
         created: list[Any] = []
-        for stage in ([c for c in todo if child_kind(c) != "Job"], jobs):
+        for stage in ([c for c in todo if child_kind(c) not in LAST], last):
             outcomes = list(_POOL.map(self._create, stage))
             created += [c for c, o in zip(stage, outcomes, strict=True) if o is True]
             failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)

@@ -267,8 +267,9 @@ def test_a_child_refused_for_real_after_the_dry_run_is_rolled_back() -> None:
     failure = rec.reconcile(body())
     assert failure is not None and not failure.permanent
     assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
+    # the newest first: the RoleBinding (made with the Job) before what it binds
     assert [c for c in kube.calls if c[0] == "delete"] == [
-        ("delete", "ConfigMap"), ("delete", "RoleBinding"), ("delete", "Role"),
+        ("delete", "RoleBinding"), ("delete", "ConfigMap"), ("delete", "Role"),
         ("delete", "ServiceAccount"),
     ]  # fmt: skip
     assert kube.status is not None and kube.status["phase"] == "Pending"
@@ -306,3 +307,14 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     assert kube.calls == [] and kube.status is None  # nothing tried, the status left as it is
     rec.refresh("ns", "j", heal=True)  # the periodic check does retry a passing refusal
     assert ("dry-run", "Job") in kube.calls
+
+
+def test_the_role_binding_and_the_job_come_after_what_they_need() -> None:
+    """The API server refuses to bind a Role that does not exist yet (it checks that the operator
+    holds what the binding grants); the Job's pods need the ConfigMap and the ServiceAccount."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is None
+    creates = [kind for call, kind in kube.calls if call == "create"]
+    assert sorted(creates[:3]) == ["ConfigMap", "Role", "ServiceAccount"]
+    assert sorted(creates[3:]) == ["Job", "RoleBinding"]
