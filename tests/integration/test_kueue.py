@@ -120,6 +120,20 @@ def queued(
         yield ns
     finally:
         remove_namespace(ns)
+        # The next test starts from empty queues: Kueue gives the quota back once the deleted
+        # jobs' Workloads are gone, a little after their namespace.
+        wait_for(lambda: not quota_in_use(cluster), timeout=120, what="quota given back",
+                 describe=lambda: quota_in_use(cluster))  # fmt: skip
+
+
+def quota_in_use(cluster: Cluster) -> dict[str, Any]:
+    """ClusterQueues with workloads holding quota, and how many."""
+    queues = cluster.custom.list_cluster_custom_object(*KUEUE, "clusterqueues")["items"]
+    return {
+        q["metadata"]["name"]: q.get("status", {}).get("reservingWorkloads")
+        for q in queues
+        if q.get("status", {}).get("reservingWorkloads")
+    }
 
 
 def queued_job(name: str, queue: str, scheme: str, **spec: Any) -> dict[str, Any]:
