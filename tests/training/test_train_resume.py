@@ -22,10 +22,10 @@ from training.helpers import TinyModel, manifest, text_rows, write_jsonl
 
 pytestmark = pytest.mark.training
 
-# Batch 1: one record per step, of at most 16 tokens (the shortest maxSequenceLength). The 950
-# steps after the first checkpoint outlast the 3 s transformers waits after SIGTERM before it
-# checkpoints up to about 300 steps a second (a 2-core machine does about 40, with gradient
-# checkpointing), and the whole test stays near a minute there.
+# Batch 1: one record per step, of at most 16 tokens (the shortest maxSequenceLength), one LoRA
+# pair per layer (q_proj: half the step time of all seven). The 950 steps after the first
+# checkpoint outlast the 3 s transformers waits after SIGTERM before it checkpoints up to about
+# 300 steps a second (a loaded 2-core machine does 40 to 80, with gradient checkpointing).
 STEPS = 1000
 FIRST_CHECKPOINT = plan.save_steps(STEPS)  # 50
 
@@ -62,6 +62,7 @@ def test_sigterm_checkpoints_and_the_restart_resumes(tiny_model: TinyModel, tmp_
         "gradient_accumulation_steps": 1,
         "learning_rate": 0.002,
         "lora_r": 2,
+        "lora_target_modules": ["q_proj"],
     }
     job = manifest(tmp_path / "job.yaml", training=training, dataset={"maxSequenceLength": 16})
     output = tmp_path / "out"
