@@ -68,6 +68,7 @@ JOBS: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
             "quantize_model": False,
             "peft_implementation": "lora",
             "pretrained_model": "meta-llama/Llama-3.2-1B",
+            "learning_rate": 0.0002,  # 'auto' knows no class of that name (Safe Synthesizer's)
         },
         {},
     ),

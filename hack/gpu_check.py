@@ -311,6 +311,10 @@ def manifest(scheme: str, settings: Settings, pretrained: str) -> dict[str, Any]
     """The FineTuneJob a user would apply for this run (model on a volume: air-gapped)."""
     training: dict[str, Any] = {
         "pretrained_model": pretrained,
+        # 'auto' would resolve by the name as Safe Synthesizer does, and refuse the names that
+        # match none of its model classes ("tiny", meta-llama/Llama-3.2-1B): the check measures
+        # speed and memory, so it names the usual LoRA rate
+        "learning_rate": 2e-4,
         "quantize_model": scheme != "none",
         "batch_size": settings.batch,
         "gradient_accumulation_steps": settings.grad_accum,

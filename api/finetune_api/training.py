@@ -210,8 +210,9 @@ class TrainingHyperparams(RuledModel):
             description=(
                 "How many training records the model sees in total; it sets the length of training. "
                 "Equal to the dataset size it is about one epoch, larger means several (possibly "
-                "fractional) epochs, smaller a fraction of one. An integer >= 0, or 'auto' to derive "
-                "it from the dataset size."
+                "fractional) epochs, smaller a fraction of one. An integer >= 0, or 'auto' for 25,000 "
+                "x the factor rope_scaling_factor 'auto' resolves to (25,000 when it is a number), "
+                "as Safe Synthesizer resolves it."
             ),
         ),
     ] = "auto"
@@ -278,7 +279,9 @@ class TrainingHyperparams(RuledModel):
         Field(
             description=(
                 "Peak learning rate of the AdamW optimizer. Must be in (0, 1), or 'auto' for the "
-                "default of the model's family."
+                "rate Safe Synthesizer gives the model class pretrained_model's name contains: "
+                "1e-4 for Mistral, 5e-4 for TinyLlama, Qwen, Llama32, SmolLM2, SmolLM3, Nemotron "
+                "and Granite; a name of none of them needs a number."
             ),
         ),
     ] = "auto"

@@ -40,7 +40,7 @@ def test_safe_synthesizer_dumps_pass_the_api_server_unchanged(
     assert stored["training"] == {k: v for k, v in dump.items() if v is not None}
     assert ours(stored["training"]) == safe_synthesizer(dump)
     spec = FineTuneJobSpec.model_validate(stored)
-    assert make_plan(spec.training, dataset_records=500, model_type="llama").steps >= 1
+    assert make_plan(spec.training, dataset_records=500).steps >= 1
 
 
 @pytest.mark.parametrize(("ratio", "warmup"), [(0.2, 0.2), (2, 2.0)])

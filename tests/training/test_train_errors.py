@@ -40,6 +40,28 @@ def test_missing_model_directory(tmp_path: Path, data: Path, run_trainer: RunTra
     check_failed(run, 2, "InvalidInput", f"model {missing}: no such directory")
 
 
+def test_auto_learning_rate_for_a_model_safe_synthesizer_does_not_know(
+    tmp_path: Path, data: Path, tiny_model: TinyModel, run_trainer: RunTrainer
+) -> None:
+    """Safe Synthesizer resolves 'auto' by the model's name and refuses a name of no class;
+    "meta-llama/Llama-3.2-1B" is one (its class is called Llama32). A number runs."""
+    training = {**SMALL, "pretrained_model": "meta-llama/Llama-3.2-1B"}
+    job = manifest(tmp_path / "job.yaml", training=training)
+    run = run_trainer(job, "--model", str(tiny_model.path), "--data", str(data))
+    check_failed(
+        run,
+        2,
+        "InvalidInput",
+        "spec.training.learning_rate: 'auto' needs a pretrained_model whose name contains one of "
+        "TinyLlama, Qwen, Llama32, SmolLM2, SmolLM3, Mistral, Nemotron, Granite (as Safe "
+        "Synthesizer matches it), and 'meta-llama/Llama-3.2-1B' contains none: set learning_rate "
+        "to a number",
+    )
+    job = manifest(tmp_path / "job.yaml", training={**training, "learning_rate": 0.001})
+    run = run_trainer(job, "--model", str(tiny_model.path), "--data", str(data))
+    assert run.code == 0, run.stderr[-2000:]
+
+
 def test_pickled_weights_are_refused(
     tmp_path: Path, data: Path, tiny_model: TinyModel, run_trainer: RunTrainer
 ) -> None:

@@ -214,32 +214,34 @@ def test_progress_reported_on_the_status_subresource(explicit_run: tuple[Run, An
 def test_auto_learning_rate_and_records(
     tiny_model: TinyModel, tmp_path: Path, run_trainer: RunTrainer
 ) -> None:
-    """'auto' learning rate: the llama entry of the table; 'auto' records: one epoch of these 8
-    records is below the floor, so the run sees AUTO_MIN_RECORDS of them."""
+    """As Safe Synthesizer resolves them: 'auto' learning rate by the class the pretrained_model's
+    name matches (the default, SmolLM3-3B: 5e-4); 'auto' records 25,000 x the RoPE factor (no
+    scaling here: 25,000), these 8 records repeated. Large batches of the shortest sequences the
+    spec allows (16 tokens) keep it to 20 quick steps."""
     data = write_jsonl(tmp_path / "train.jsonl", text_rows(8))
     training = {
         "learning_rate": "auto",
         "num_input_records_to_sample": "auto",
         "lr_scheduler": "constant",
-        "batch_size": 8,
+        "batch_size": 1250,
         "gradient_accumulation_steps": 1,
         "lora_r": 2,
     }
     run = run_trainer(
-        manifest(tmp_path / "job.yaml", training=training),
+        manifest(tmp_path / "job.yaml", training=training, dataset={"maxSequenceLength": 16}),
         "--model",
         str(tiny_model.path),
         "--data",
         str(data),
     )
     assert run.code == 0, run.stderr[-2000:]
-    steps = math.ceil(plan.AUTO_MIN_RECORDS / 8)
+    records = plan.AUTO_RECORDS_PER_ROPE_FACTOR
     state = run.trainer_state()
-    assert state["global_step"] == steps
+    assert state["global_step"] == math.ceil(records / 1250) == 20
     rates = {e["learning_rate"] for e in state["log_history"] if "learning_rate" in e}
-    assert rates == {plan.LEARNING_RATES["llama"]}  # constant: the peak at every step
+    assert rates == {5e-4}  # constant: the peak at every step
     resolved = run.summary["resolved"]
-    assert resolved["learning_rate_source"] == "auto (llama)"
-    assert resolved["records"] == plan.AUTO_MIN_RECORDS
+    assert resolved["learning_rate_source"] == "auto (SmolLM3)"
+    assert resolved["records"] == records
     assert run.outcome is not None
-    assert run.outcome["result"]["recordsSeen"] == plan.AUTO_MIN_RECORDS
+    assert run.outcome["result"]["recordsSeen"] == records

@@ -308,7 +308,7 @@ def test_safe_synthesizer_dumps_paste_unchanged(index: int) -> None:
         "spec": {**SPEC, "training": {k: v for k, v in _plain(dump).items() if v is not None}},
     }
     assert schema_errors(manifest) == []
-    plan = make_plan(spec.training, dataset_records=500, model_type="llama")
+    plan = make_plan(spec.training, dataset_records=500)
     assert plan.steps >= 1
 
 

@@ -62,7 +62,7 @@ def keywords(call: ast.Call) -> dict[str, Any]:
 
 def our_arguments(tmp_path: Path) -> Any:
     hyper = TrainingHyperparams(validation_ratio=0.1)
-    plan = make_plan(hyper, 100, "llama")
+    plan = make_plan(hyper, 100)
     gpu_like = Device(gpus=(), bf16=True)  # bf16, as on every GPU the operator schedules on
     return training.get_training_arguments(hyper, plan, gpu_like, str(tmp_path))
 

@@ -18,40 +18,44 @@ def test_api_scheduler_list_matches_transformers() -> None:
     assert set(LR_SCHEDULERS) == {member.value for member in SchedulerType}
 
 
-def test_learning_rate_table_names_real_model_types() -> None:
-    from transformers import CONFIG_MAPPING
+@pytest.mark.parametrize(
+    ("setting", "model", "expected"),
+    [
+        (0.003, "acme/unknown", 0.003),  # explicit wins, whatever the model
+        ("auto", "TinyLlama/TinyLlama-1.1B-Chat-v1.0", 5e-4),
+        ("auto", "mistralai/Mistral-7B-Instruct-v0.3", 1e-4),
+        ("auto", "HuggingFaceTB/SmolLM3-3B", 5e-4),
+        ("auto", "/models/unsloth-llama32-1b", 5e-4),  # a path names the class too
+    ],
+)
+def test_learning_rate(setting: float | str, model: str, expected: float) -> None:
+    assert plan.resolve_learning_rate(setting, model) == expected  # type: ignore[arg-type]
 
-    assert set(plan.LEARNING_RATES) <= set(CONFIG_MAPPING.keys())
-    assert all(0 < rate < 1e-2 for rate in plan.LEARNING_RATES.values())
+
+@pytest.mark.parametrize("model", ["meta-llama/Llama-3.2-1B", "acme/unknown", ""])
+def test_auto_learning_rate_refuses_a_model_of_no_class(model: str) -> None:
+    with pytest.raises(
+        InvalidInputError,
+        match=r"^spec.training.learning_rate: 'auto' needs a pretrained_model whose name contains "
+        r"one of TinyLlama, .*, Granite .* contains none: set learning_rate to a number$",
+    ):
+        plan.resolve_learning_rate("auto", model)
 
 
 @pytest.mark.parametrize(
-    ("setting", "model_type", "expected"),
+    ("setting", "rope_setting", "rope", "expected"),
     [
-        (0.003, "llama", 0.003),  # explicit wins
-        ("auto", "llama", 2e-4),
-        ("auto", "smollm3", 3e-4),
-        ("auto", "gemma2", 1e-4),
-        ("auto", "some_new_arch", plan.DEFAULT_LEARNING_RATE),
-        ("auto", None, plan.DEFAULT_LEARNING_RATE),
+        (500, "auto", 3, 500),  # explicit: may exceed the dataset (wraps around)
+        ("auto", "auto", None, 25_000),  # auto RoPE left the model unscaled
+        ("auto", "auto", 3, 75_000),  # 25,000 x the factor auto resolved to
+        ("auto", 3, 3, 25_000),  # an explicit factor does not count (as in Safe Synthesizer)
+        ("auto", 1, None, 25_000),
     ],
 )
-def test_learning_rate(setting: float | str, model_type: str | None, expected: float) -> None:
-    assert plan.resolve_learning_rate(setting, model_type) == expected  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize(
-    ("setting", "train", "expected"),
-    [
-        (500, 10, 500),  # explicit: may exceed the dataset (wraps around)
-        (3, 10_000, 3),
-        ("auto", 10, plan.AUTO_MIN_RECORDS),  # tiny dataset: repeated up to the floor
-        ("auto", 20_000, 20_000),  # one epoch
-        ("auto", 5_000_000, plan.AUTO_MAX_RECORDS),  # huge dataset: sampled
-    ],
-)
-def test_records(setting: int | str, train: int, expected: int) -> None:
-    assert plan.resolve_records(setting, train) == expected  # type: ignore[arg-type]
+def test_records(
+    setting: int | str, rope_setting: int | str, rope: int | None, expected: int
+) -> None:
+    assert plan.resolve_records(setting, rope_setting, rope) == expected  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -95,7 +99,7 @@ def test_warmup_is_what_transformers_derives_from_safe_synthesizers_value(
         warmup_steps=setting, lr_scheduler="linear", num_input_records_to_sample=total * 8
     )
     safe_synthesizer = TrainingArguments(output_dir="/tmp/unused", warmup_steps=setting)
-    resolved = plan.make_plan(training, dataset_records=total, model_type=None)
+    resolved = plan.make_plan(training, dataset_records=total)
     assert resolved.steps == total
     assert resolved.warmup_steps == safe_synthesizer.get_warmup_steps(total)
     ours = get_training_arguments(training, resolved, Device(gpus=(), bf16=False), "/tmp/unused")
@@ -163,20 +167,18 @@ def test_make_plan_resolves_everything() -> None:
         validation_ratio=0.2,
         lr_scheduler="linear",
     )
-    resolved = plan.make_plan(training, dataset_records=20, model_type="qwen3")
+    resolved = plan.make_plan(training, dataset_records=20)
     assert (resolved.validation_records, resolved.train_records) == (4, 16)
     assert (resolved.records, resolved.steps, resolved.warmup_steps) == (60, 10, 3)
-    assert resolved.learning_rate == 2e-4
-    assert resolved.learning_rate_source == "auto (qwen3)"
+    assert resolved.learning_rate == 5e-4  # the default pretrained_model is SmolLM3-3B
+    assert resolved.learning_rate_source == "auto (SmolLM3)"
     assert resolved.records_after(3) == 18
     assert resolved.records_after(10) == 60  # the last batch is partial: 10 x 6 > 60
 
 
 def test_make_plan_refuses_a_split_with_nothing_to_train() -> None:
     with pytest.raises(InvalidInputError, match=r"validation_ratio 1.0 holds out 5 of the 5"):
-        plan.make_plan(
-            TrainingHyperparams(validation_ratio=1.0), dataset_records=5, model_type=None
-        )
+        plan.make_plan(TrainingHyperparams(validation_ratio=1.0), dataset_records=5)
 
 
 @pytest.mark.parametrize(
@@ -199,9 +201,7 @@ def test_steps_count_every_worker(
         warmup_steps=0.25,
         lr_scheduler="linear",
     )
-    resolved = plan.make_plan(
-        training, dataset_records=20, model_type="llama", world_size=world_size
-    )
+    resolved = plan.make_plan(training, dataset_records=20, world_size=world_size)
     assert resolved.steps == steps == math.ceil(records / (batch * accumulation * world_size))
     assert resolved.world_size == world_size
     assert resolved.effective_batch_size == batch * accumulation  # per device, as in the spec
@@ -215,7 +215,7 @@ def test_records_and_epochs_after_a_step_count_the_global_batch() -> None:
     training = TrainingHyperparams(
         num_input_records_to_sample=76, batch_size=2, gradient_accumulation_steps=2
     )
-    resolved = plan.make_plan(training, dataset_records=16, model_type="llama", world_size=2)
+    resolved = plan.make_plan(training, dataset_records=16, world_size=2)
     assert resolved.steps == 10
     assert resolved.records_after(1) == 8
     assert resolved.records_after(9) == 72
@@ -227,12 +227,12 @@ def test_records_and_epochs_after_a_step_count_the_global_batch() -> None:
 
 def test_one_process_is_the_default_plan() -> None:
     training = TrainingHyperparams(num_input_records_to_sample=60, batch_size=2)
-    default = plan.make_plan(training, dataset_records=20, model_type="llama")
-    assert default == plan.make_plan(training, dataset_records=20, model_type="llama", world_size=1)
+    default = plan.make_plan(training, dataset_records=20)
+    assert default == plan.make_plan(training, dataset_records=20, world_size=1)
     assert default.world_size == 1
     assert "per device" not in default.describe()
 
 
 def test_world_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="world_size must be at least 1, got 0"):
-        plan.make_plan(TrainingHyperparams(), dataset_records=20, model_type=None, world_size=0)
+        plan.make_plan(TrainingHyperparams(), dataset_records=20, world_size=0)

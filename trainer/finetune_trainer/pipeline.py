@@ -86,8 +86,7 @@ def prepare(config: TrainerConfig, world_size: int = 1) -> Prepared:
     model_config, rope = load_config(model, spec)
     tokenizer = load_tokenizer(model, spec)
     examples = tokenize_dataset(config, records, tokenizer)
-    model_type = getattr(model_config, "model_type", None)
-    plan = make_plan(spec.training, len(examples), model_type, world_size)
+    plan = make_plan(spec.training, len(examples), world_size, rope)
     train, validation = data.split(examples, plan.validation_records)
     return Prepared(plan, tokenizer, train, validation, model, model_config, rope)
 

@@ -1,15 +1,18 @@
 """The run plan: how the spec's 'auto' values and the derived counts are resolved. No torch.
 
 Learning rate ("auto")
-    LEARNING_RATES below, keyed on the model config's `model_type`: conservative LoRA learning rates
-    for each family (adapters tolerate higher rates than full fine-tuning; small models and the
-    families known to be sensitive, such as Gemma and mixture-of-experts models, get lower ones).
-    A model type not in the table gets DEFAULT_LEARNING_RATE (2e-4, the usual LoRA/QLoRA default).
+    As Safe Synthesizer 0.1.16 resolves it (`AutoConfigResolver._determine_learning_rate` with
+    `ModelMetadata._resolve_model_class`): the first of MODEL_CLASSES whose name occurs in
+    spec.training.pretrained_model (case-insensitive substring, in that order) gives the rate:
+    1e-4 for Mistral, 5e-4 for every other class. A name that contains none of them is an error
+    there, and so here (set a number instead). The name is matched, not the model's config:
+    "meta-llama/Llama-3.2-1B" contains none of the names ("llama32" is one), so it needs a number.
 
 Records ("auto")
-    One epoch over the training split, but at least AUTO_MIN_RECORDS (small datasets are repeated:
-    a few dozen optimizer steps are too few to learn anything) and at most AUTO_MAX_RECORDS (huge
-    datasets are sampled, so that 'auto' never means days of training).
+    As Safe Synthesizer resolves it (`choose_num_input_records_to_sample`): 25,000 x the RoPE
+    scaling factor that 'auto' resolved to, or 25,000 when rope_scaling_factor is a number
+    (Safe Synthesizer multiplies by an auto-resolved factor only). The dataset size does not
+    matter: a small split is repeated, a large one sampled.
 
 Optimizer steps
     ceil(records / (effective_batch_size x world_size)), where effective_batch_size = batch_size x
@@ -55,29 +58,20 @@ from typing import Any, Literal
 from finetune_api.training import TrainingHyperparams
 from finetune_trainer.errors import InvalidInputError
 
-DEFAULT_LEARNING_RATE = 2e-4
+# Safe Synthesizer's model classes in the order it matches them, with their auto learning rate
+# (ModelMetadata.default_learning_rate: 5e-4, Mistral overrides it with 1e-4).
+MODEL_CLASSES: tuple[tuple[str, float], ...] = (
+    ("TinyLlama", 5e-4),
+    ("Qwen", 5e-4),
+    ("Llama32", 5e-4),
+    ("SmolLM2", 5e-4),
+    ("SmolLM3", 5e-4),
+    ("Mistral", 1e-4),
+    ("Nemotron", 5e-4),
+    ("Granite", 5e-4),
+)
 
-# model_type (transformers config) -> peak LoRA learning rate.
-LEARNING_RATES: dict[str, float] = {
-    "llama": 2e-4,
-    "mistral": 2e-4,
-    "mixtral": 1e-4,
-    "qwen2": 2e-4,
-    "qwen3": 2e-4,
-    "qwen3_moe": 1e-4,
-    "smollm3": 3e-4,
-    "phi3": 2e-4,
-    "granite": 2e-4,
-    "gemma": 1e-4,
-    "gemma2": 1e-4,
-    "gemma3": 1e-4,
-    "gemma3_text": 1e-4,
-    "olmo2": 2e-4,
-    "gpt_oss": 1e-4,
-}
-
-AUTO_MIN_RECORDS = 1_000
-AUTO_MAX_RECORDS = 100_000
+AUTO_RECORDS_PER_ROPE_FACTOR = 25_000
 
 CHECKPOINTS_PER_RUN = 20
 MAX_SAVE_STEPS = 250
@@ -89,18 +83,37 @@ NO_WARMUP_SCHEDULERS = frozenset({"constant", "reduce_lr_on_plateau", "greedy"})
 # Schedulers that step on the validation loss: they need a validation split.
 
 
-def resolve_learning_rate(setting: float | Literal["auto"], model_type: str | None) -> float:
-    """The peak learning rate: the explicit value, else the family default for `model_type`."""
+def model_class(pretrained_model: str) -> str | None:
+    """The first of MODEL_CLASSES whose name occurs in `pretrained_model`, ignoring case."""
+    name = pretrained_model.lower()
+    return next((cls for cls, _ in MODEL_CLASSES if cls.lower() in name), None)
+
+
+def resolve_learning_rate(setting: float | Literal["auto"], pretrained_model: str) -> float:
+    """The peak learning rate: the explicit value, else the rate of the model's class (see the
+    module docstring); an InvalidInputError when 'auto' meets a name of no class."""
     if setting != "auto":
         return float(setting)
-    return LEARNING_RATES.get(model_type or "", DEFAULT_LEARNING_RATE)
+    cls = model_class(pretrained_model)
+    if cls is None:
+        names = ", ".join(name for name, _ in MODEL_CLASSES)
+        raise InvalidInputError(
+            f"spec.training.learning_rate: 'auto' needs a pretrained_model whose name contains "
+            f"one of {names} (as Safe Synthesizer matches it), and {pretrained_model!r} contains "
+            "none: set learning_rate to a number"
+        )
+    return dict(MODEL_CLASSES)[cls]
 
 
-def resolve_records(setting: int | Literal["auto"], train_records: int) -> int:
-    """Records the model sees in total (see the module docstring for 'auto')."""
+def resolve_records(
+    setting: int | Literal["auto"], rope_setting: int | Literal["auto"], rope: int | None
+) -> int:
+    """Records the model sees in total (see the module docstring for 'auto'); `rope` is the
+    factor applied (None: unscaled), `rope_setting` the spec's rope_scaling_factor."""
     if setting != "auto":
         return setting
-    return min(max(train_records, AUTO_MIN_RECORDS), AUTO_MAX_RECORDS)
+    factor = (rope or 1) if rope_setting == "auto" else 1
+    return AUTO_RECORDS_PER_ROPE_FACTOR * factor
 
 
 def optimizer_steps(records: int, effective_batch_size: int) -> int:
@@ -205,11 +218,11 @@ class Plan:
 def make_plan(
     training: TrainingHyperparams,
     dataset_records: int,
-    model_type: str | None,
     world_size: int = 1,
+    rope: int | None = None,
 ) -> Plan:
-    """Resolve the run's counts from the hyperparameters, the dataset size, the model family and
-    the number of data-parallel workers."""
+    """Resolve the run's counts from the hyperparameters, the dataset size, the number of
+    data-parallel workers and the RoPE scaling factor applied (None: unscaled)."""
     if world_size < 1:
         raise ValueError(f"world_size must be at least 1, got {world_size}")
     validation = validation_count(dataset_records, training.validation_ratio)
@@ -219,15 +232,16 @@ def make_plan(
             f"spec.training.validation_ratio {training.validation_ratio} holds out {validation} of "
             f"the {dataset_records} usable records: none is left to train on"
         )
-    records = resolve_records(training.num_input_records_to_sample, train)
+    records = resolve_records(
+        training.num_input_records_to_sample, training.rope_scaling_factor, rope
+    )
     steps = optimizer_steps(records, training.effective_batch_size * world_size)
     warmup = warmup_steps(training.warmup_steps, steps, training.lr_scheduler)
-    if training.learning_rate != "auto":
-        source = "spec"
-    elif model_type in LEARNING_RATES:
-        source = f"auto ({model_type})"
+    learning_rate = resolve_learning_rate(training.learning_rate, training.pretrained_model)
+    if training.learning_rate == "auto":
+        source = f"auto ({model_class(training.pretrained_model)})"
     else:
-        source = f"auto (default for unlisted model type {model_type})"
+        source = "spec"
     return Plan(
         dataset_records=dataset_records,
         train_records=train,
@@ -236,7 +250,7 @@ def make_plan(
         effective_batch_size=training.effective_batch_size,
         steps=steps,
         warmup_steps=warmup,
-        learning_rate=resolve_learning_rate(training.learning_rate, model_type),
+        learning_rate=learning_rate,
         learning_rate_source=source,
         scheduler_kwargs=scheduler_kwargs(training.lr_scheduler, steps, warmup),
         save_steps=save_steps(steps),
