@@ -79,7 +79,7 @@ def main(argv: list[str]) -> int:
         use_safetensors=True,
     )
     model.config.use_cache = False
-    plan = make_plan(training, len(examples), model.config.model_type)
+    plan = make_plan(training, len(examples))  # one process; no RoPE scaling at these lengths
     set_seed(SEED)
     # The base prepared as Safe Synthesizer's backend prepares it (and so the trainer)
     if training.peft_method != "lora":
