@@ -37,7 +37,7 @@ from typing import Any
 from kubernetes import client, config, watch
 
 from finetune_operator.builders import job_name
-from localcluster import LocalCluster
+from localcluster import LocalCluster, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "finetunejobs.finetune.dev.yaml"
@@ -243,12 +243,7 @@ def phase(
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             profiler.wait(timeout=60)
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=30)
     return {"latency": summary(latency), "burst": burst, "rss_idle_mib": round(rss_idle, 1)}
 
 

@@ -29,7 +29,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from localcluster import free_port
+from localcluster import free_port, stop_process
 
 HACK = Path(__file__).resolve().parent
 KUEUE_NAMESPACE = "kueue-system"
@@ -243,13 +243,8 @@ class LocalKueue:
                 admission.delete_validating_webhook_configuration(
                     WEBHOOK_CONFIGS["ValidatingWebhookConfiguration"]
                 )
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

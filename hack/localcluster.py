@@ -257,6 +257,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM a child process, SIGKILL it if it is still there after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _terminate(pid: int, grace: float = 10.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client, config
 
 from gpusim import GPU_TYPES, FakeKubelet, bind_hostpath_claim, create_gpu_node
-from localcluster import LocalCluster
+from localcluster import LocalCluster, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetunejobs.finetune.dev.yaml"
@@ -172,13 +172,8 @@ class Operator:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
