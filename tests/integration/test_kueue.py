@@ -217,10 +217,17 @@ def test_quota_admits_two_and_queues_the_third_until_one_finishes(
     admitted = next(c for c in done["conditions"] if c["type"] == "Admitted")
     assert admitted["status"] == "True" and "ClusterQueue team-a" in admitted["message"]
     assert done["queue"]["clusterQueue"] == "team-a"
-    events = ns.cluster.core.list_namespaced_event(
-        ns.name, field_selector="involvedObject.kind=FineTuneJob,involvedObject.name=three"
-    ).items
-    reasons = [e.reason for e in sorted(events, key=lambda e: int(e.metadata.resource_version))]
+
+    def reasons_up_to_running() -> list[str] | None:
+        # kopf posts Events from a queue, after the status patch: wait for the Running one.
+        events = ns.cluster.core.list_namespaced_event(
+            ns.name, field_selector="involvedObject.kind=FineTuneJob,involvedObject.name=three"
+        ).items
+        ordered = sorted(events, key=lambda e: int(e.metadata.resource_version))
+        reasons = [e.reason for e in ordered]
+        return reasons if "Running" in reasons else None
+
+    reasons = wait_for(reasons_up_to_running, timeout=30, what="three's Running event")
     # Queued (with Kueue's reason), then Running: an Event for each phase; Admitted in between
     # when a refresh saw it (it lasts only until the pod runs; the condition above says it).
     queued_at = min(reasons.index(r) for r in ("WaitingForWorkload", "Pending") if r in reasons)
