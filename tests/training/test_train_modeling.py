@@ -45,19 +45,28 @@ def inv_freq(model: Any) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("setting", "max_length", "factor"),
-    [(2, 64, 2), (1, 64, None), ("auto", 64, None), ("auto", 300, 3), ("auto", 128, None)],
+    ("setting", "longest", "factor"),
+    [
+        (2, 10, 2),
+        (1, 10**5, None),
+        ("auto", 64, None),
+        ("auto", 12_288, None),  # Safe Synthesizer's 'auto' scales past 12,288 tokens only
+        ("auto", 12_289, 2),
+        ("auto", 3 * 12_288, 3),
+    ],
 )
 def test_rope_scaling_as_the_model_computes_it(
-    tiny_model: TinyModel, setting: Any, max_length: int, factor: int | None
+    tiny_model: TinyModel, setting: Any, longest: int, factor: int | None
 ) -> None:
+    """The factor for the longest record's token count, applied to the real model."""
     import torch
 
+    source = ModelSource(str(tiny_model.path), "tiny")
     plain = load(tiny_model, spec({"rope_scaling_factor": 1}))
-    job = spec({"rope_scaling_factor": setting}, max_length)
-    _, applied = load_config(ModelSource(str(tiny_model.path), "tiny"), job)
+    job = spec({"rope_scaling_factor": setting})
+    config, applied = load_config(source, job, longest)
     assert applied == factor
-    model = load(tiny_model, job)
+    model = load_model(source, job, config, CPU, None)
     if factor is None:
         assert model.config.rope_parameters["rope_type"] == "default"
         assert model.config.max_position_embeddings == tiny_model.context
@@ -339,3 +348,29 @@ def test_the_trainer_trains_as_safe_synthesizers_does(
     assert isinstance(optimizer, bnb.optim.AdamW)
     assert optimizer.is_paged is True and optimizer.args.optim_bits == 32
     assert seen["checkpointing"] == (True, {"use_reentrant": False})
+
+
+@pytest.mark.parametrize(("words", "factor"), [(100, None), (13_000, 2)])
+def test_auto_rope_follows_the_longest_record(
+    tiny_model: TinyModel, tmp_path: Path, words: int, factor: int | None
+) -> None:
+    """'auto' counts the longest record's tokens with the model's tokenizer, whole (before the
+    truncation to maxSequenceLength), and scales past Safe Synthesizer's 12,288 tokens; the
+    'auto' record count follows the factor, as there."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import PathOverrides, load_trainer_config
+    from training.helpers import manifest, text_rows, write_jsonl
+
+    long = {"text": " ".join(["the"] * words), "id": 99}
+    data = write_jsonl(tmp_path / "train.jsonl", [*text_rows(4), long])
+    job = manifest(
+        tmp_path / "job.yaml",
+        training={"rope_scaling_factor": "auto", "num_input_records_to_sample": "auto"},
+        dataset={"maxSequenceLength": 32},
+    )
+    overrides = PathOverrides(str(tiny_model.path), str(data), str(tmp_path / "out"))
+    ready = pipeline.prepare(load_trainer_config(str(job), overrides))
+    assert ready.rope_factor == factor
+    assert ready.plan.records == 25_000 * (factor or 1)
+    assert ready.model_config.max_position_embeddings == tiny_model.context * (factor or 1)
+    assert max(len(example.input_ids) for example in ready.train + ready.validation) <= 32

@@ -8,6 +8,7 @@ that changes the classes, their order, their rates or the rule fails here."""
 from __future__ import annotations
 
 import ast
+import math
 import re
 from importlib import util
 from pathlib import Path
@@ -182,3 +183,49 @@ def test_safe_synthesizer_multiplies_only_an_auto_resolved_factor() -> None:
     assert ast.unparse(rope.body[1]).startswith(
         "if self._config.get('rope_scaling_factor') != AUTO_STR"
     )
+
+
+def defaults_constants() -> dict[str, int]:
+    """The integer constants of Safe Synthesizer's defaults.py, evaluated in order."""
+    values: dict[str, int] = {}
+    for node in source("defaults.py").body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            try:
+                value = eval(compile(ast.Expression(node.value), "<defaults>", "eval"), {}, values)
+            except NameError:
+                continue
+            if isinstance(value, int):
+                values[node.targets[0].id] = value
+    return values
+
+
+@pytest.fixture(scope="module")
+def choose_rope() -> Any:
+    """Safe Synthesizer's choose_rope_scaling_factor with its default context, from its source."""
+    tree = source("config/autoconfig.py")
+    imports = [ast.unparse(n) for n in tree.body if isinstance(n, ast.ImportFrom)]
+    assert "from ..defaults import DEFAULT_MAX_SEQ_LENGTH, MAX_ROPE_SCALING_FACTOR" in imports
+    node = function(tree, "choose_rope_scaling_factor")
+    assert [ast.unparse(d) for d in node.args.defaults] == ["DEFAULT_MAX_SEQ_LENGTH"]
+    constants = defaults_constants()
+    choose = compiled(node, {"math": math, **constants})
+    return lambda tokens: choose(tokens, constants["DEFAULT_MAX_SEQ_LENGTH"])
+
+
+def test_auto_rope_constants_are_safe_synthesizers() -> None:
+    constants = defaults_constants()
+    assert constants["DEFAULT_MAX_SEQ_LENGTH"] == plan.AUTO_ROPE_CONTEXT
+    assert constants["MAX_ROPE_SCALING_FACTOR"] == plan.MAX_ROPE_SCALING_FACTOR
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [0, 1, 40, 2048, 4096, 12_287, 12_288, 12_289, 24_576, 24_577, 50_000, 73_728, 73_729, 10**7],
+)
+def test_auto_rope_factor_is_safe_synthesizers(choose_rope: Any, tokens: int) -> None:
+    """The same longest-example token count gives the same factor (theirs: 1 = no scaling)."""
+    theirs = choose_rope(tokens)
+    ours = plan.rope_factor("auto", tokens)
+    assert (ours or 1) == max(theirs, 1)
+    # and 'auto' records follow the factor as there
+    assert plan.resolve_records("auto", "auto", ours) == 25_000 * max(theirs, 1)

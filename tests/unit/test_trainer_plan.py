@@ -140,22 +140,22 @@ def test_checkpoint_and_logging_cadence() -> None:
 
 
 @pytest.mark.parametrize(
-    ("setting", "max_len", "native", "expected"),
+    ("setting", "longest", "expected"),
     [
-        (None, 10_000, 2048, None),  # null: never
-        (1, 10_000, 2048, None),  # factor 1 is no scaling
-        (4, 100, 2048, 4),  # explicit: always
-        ("auto", 2048, 2048, None),  # fits
-        ("auto", 2049, 2048, 2),
-        ("auto", 8192, 2048, 4),
-        ("auto", 9000, 2048, 5),
-        ("auto", 9000, None, None),  # model without a declared context
+        (None, 100_000, None),  # null: never
+        (1, 100_000, None),  # factor 1 is no scaling
+        (4, 100, 4),  # explicit: always
+        ("auto", 0, None),
+        ("auto", 2049, None),  # past a 2,048-token model, but Safe Synthesizer's base is 12,288
+        ("auto", 12_288, None),
+        ("auto", 12_289, 2),
+        ("auto", 36_864, 3),
+        ("auto", 61_441, 6),
+        ("auto", 10**7, 6),  # capped at 6
     ],
 )
-def test_rope_factor(
-    setting: int | str | None, max_len: int, native: int | None, expected: int | None
-) -> None:
-    assert plan.rope_factor(setting, max_len, native) == expected  # type: ignore[arg-type]
+def test_rope_factor(setting: int | str | None, longest: int, expected: int | None) -> None:
+    assert plan.rope_factor(setting, longest) == expected  # type: ignore[arg-type]
 
 
 def test_make_plan_resolves_everything() -> None:

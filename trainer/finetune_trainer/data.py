@@ -183,10 +183,25 @@ def _token_ids(tokenizer: Any, texts: list[str], special: bool) -> list[list[int
     return ids
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """The examples, and the longest record's token count before truncation ('auto' RoPE)."""
+
+    examples: list[Example]
+    longest: int
+
+
 def tokenize(
     records: Sequence[Record], tokenizer: Any, fields: Fields, max_length: int
 ) -> list[Example]:
     """Tokenize every record (see the module docstring); drops records with nothing to learn."""
+    return tokenize_records(records, tokenizer, fields, max_length).examples
+
+
+def tokenize_records(
+    records: Sequence[Record], tokenizer: Any, fields: Fields, max_length: int
+) -> Tokenized:
+    """tokenize(), with the longest record's length before truncation."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     pairs: list[tuple[list[int], list[int]]] = []
     if fields.text is not None:
@@ -200,6 +215,7 @@ def tokenize(
             target = completion + eos
             pairs.append((prompt + target, [IGNORE_INDEX] * len(prompt) + target))
     examples = []
+    longest = max((len(full_ids) for full_ids, _ in pairs), default=0)
     for full_ids, full_labels in pairs:
         ids, labels = full_ids[:max_length], full_labels[:max_length]
         if len(ids) >= 2 and any(label != IGNORE_INDEX for label in labels[1:]):
@@ -212,7 +228,7 @@ def tokenize(
             len(records),
             max_length,
         )
-    return examples
+    return Tokenized(examples, longest)
 
 
 def split(

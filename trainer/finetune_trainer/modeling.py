@@ -5,7 +5,8 @@ The model is a local directory (`paths.model`) or a Hugging Face Hub id download
 safetensors weights are read, and the model's own Python code runs only when
 `spec.model.trustRemoteCode` is true.
 
-RoPE scaling (see plan.rope_factor for when): a model with plain RoPE gets linear scaling by the
+RoPE scaling (see plan.rope_factor for when; 'auto' needs the longest record's token count, so
+the pipeline reads the config, tokenizes, then scales): a model with plain RoPE gets linear scaling by the
 factor; one that already scales RoPE with a factor relative to its pre-training context (linear,
 yarn, llama3) gets that factor multiplied. Either way max_position_embeddings becomes native x
 factor. Other RoPE variants (dynamic, longrope, ...) are not stacked: asking to scale them is an
@@ -108,8 +109,16 @@ def _download(name: str, revision: str | None, trust_remote_code: bool) -> str:
     return path
 
 
-def load_config(source: ModelSource, spec: FineTuneJobSpec) -> tuple[Any, int | None]:
+def load_config(
+    source: ModelSource, spec: FineTuneJobSpec, longest_tokens: int = 0
+) -> tuple[Any, int | None]:
     """The model config with RoPE scaling applied, and the factor applied (None: unscaled)."""
+    config = read_config(source, spec)
+    return config, apply_rope_scaling(config, spec, longest_tokens)
+
+
+def read_config(source: ModelSource, spec: FineTuneJobSpec) -> Any:
+    """The model's config as it is."""
     from transformers import AutoConfig
 
     try:
@@ -123,12 +132,29 @@ def load_config(source: ModelSource, spec: FineTuneJobSpec) -> tuple[Any, int | 
                 "spec.model.trustRemoteCode: true to run it (only for sources you trust)"
             ) from None
         raise InvalidInputError(f"model {source.name}: cannot read its config ({exc})") from None
-    native = getattr(config, "max_position_embeddings", None)
+    return config
+
+
+def apply_rope_scaling(config: Any, spec: FineTuneJobSpec, longest_tokens: int) -> int | None:
+    """Scale the config's RoPE as spec.training.rope_scaling_factor says, given the longest
+    record's token count; the factor applied (None: unscaled)."""
     setting = spec.training.rope_scaling_factor
-    factor = plan.rope_factor(setting, spec.dataset.max_sequence_length, native)
+    factor = plan.rope_factor(setting, longest_tokens)
     if factor is not None:
         scale_rope(config, factor, setting)
-    return config, factor
+    native = getattr(config, "max_position_embeddings", None)
+    trained = min(longest_tokens, spec.dataset.max_sequence_length)
+    if native is not None and trained > native:
+        log.warning(
+            "examples of up to %d tokens exceed the model's context of %d positions; "
+            "rope_scaling_factor %r scales only past %d tokens (as Safe Synthesizer's 'auto'): "
+            "set it to a number to stretch the context",
+            trained,
+            native,
+            setting,
+            plan.AUTO_ROPE_CONTEXT,
+        )
+    return factor
 
 
 def scale_rope(config: Any, factor: int, setting: object) -> None:

@@ -21,10 +21,11 @@ from finetune_trainer.errors import InvalidInputError, TrainingInterruptedError
 from finetune_trainer.hardware import Device, check_hardware, check_workers, limit_gpu_memory
 from finetune_trainer.modeling import (
     ModelSource,
+    apply_rope_scaling,
     empty_model,
-    load_config,
     load_model,
     load_tokenizer,
+    read_config,
     resolve_model_source,
 )
 from finetune_trainer.plan import Plan, make_plan
@@ -64,30 +65,31 @@ def get_dataset(config: TrainerConfig) -> list[data.Record]:
 
 def tokenize_dataset(
     config: TrainerConfig, records: list[data.Record], tokenizer: Any
-) -> list[data.Example]:
+) -> data.Tokenized:
     source = config.spec.dataset
     fields = data.Fields.from_source(source)
-    examples = data.tokenize(records, tokenizer, fields, source.max_sequence_length)
-    if not examples:
+    tokenized = data.tokenize_records(records, tokenizer, fields, source.max_sequence_length)
+    if not tokenized.examples:
         raise InvalidInputError(
             f"dataset {config.paths.dataset}: no record has a token to learn within "
             f"maxSequenceLength {source.max_sequence_length}"
         )
-    return examples
+    return tokenized
 
 
 def prepare(config: TrainerConfig, world_size: int = 1) -> Prepared:
     """Read the dataset (before the model: a bad file fails fast, without a download), then
-    resolve the model source, its config (RoPE), the tokenizer, the examples and the plan for
-    `world_size` data-parallel workers."""
+    resolve the model source, its config, the tokenizer, the examples, the RoPE scaling (by the
+    longest record) and the plan for `world_size` data-parallel workers."""
     spec = config.spec
     records = get_dataset(config)
     model = resolve_model_source(spec, config.paths.model)
-    model_config, rope = load_config(model, spec)
+    model_config = read_config(model, spec)
     tokenizer = load_tokenizer(model, spec)
-    examples = tokenize_dataset(config, records, tokenizer)
-    plan = make_plan(spec.training, len(examples), world_size, rope)
-    train, validation = data.split(examples, plan.validation_records)
+    tokenized = tokenize_dataset(config, records, tokenizer)
+    rope = apply_rope_scaling(model_config, spec, tokenized.longest)
+    plan = make_plan(spec.training, len(tokenized.examples), world_size, rope)
+    train, validation = data.split(tokenized.examples, plan.validation_records)
     return Prepared(plan, tokenizer, train, validation, model, model_config, rope)
 
 

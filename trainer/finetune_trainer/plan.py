@@ -40,9 +40,13 @@ Validation split
 
 RoPE scaling factor
     An integer n > 1 stretches the context to n x the model's native max_position_embeddings; 1
-    leaves the model as it is; 'auto' scales only when dataset.maxSequenceLength exceeds the
-    native context, by ceil(maxSequenceLength / native). (The model refuses null, as Safe
-    Synthesizer does; None here means no scaling.)
+    leaves the model as it is. 'auto' is Safe Synthesizer's rule
+    (`choose_rope_scaling_factor`): ceil(longest example's tokens / 12,288), at most 6, where
+    12,288 is its base context of 2,048 tokens x its largest factor, 6; a factor of 1 scales
+    nothing. Safe Synthesizer estimates the longest example from its tabular records (characters
+    per token, column names); the records here are text, so the tokenizer counts them, each
+    record whole, before truncation to dataset.maxSequenceLength. (The model refuses null, as
+    Safe Synthesizer does; None here means no scaling.)
 
 Checkpoints
     Every ceil(steps / 20) optimizer steps (at most 250 steps apart), so a restart loses at most
@@ -156,16 +160,19 @@ def logging_steps(total_steps: int) -> int:
     return max(1, total_steps // LOG_POINTS_PER_RUN)
 
 
-def rope_factor(
-    setting: int | Literal["auto"] | None, max_sequence_length: int, native_context: int | None
-) -> int | None:
-    """The RoPE scaling factor to apply, or None for no scaling (see the module docstring)."""
+# Safe Synthesizer's defaults: DEFAULT_BASE_SEQ_LENGTH x MAX_ROPE_SCALING_FACTOR
+AUTO_ROPE_CONTEXT = 2048 * 6
+MAX_ROPE_SCALING_FACTOR = 6
+
+
+def rope_factor(setting: int | Literal["auto"] | None, longest_tokens: int) -> int | None:
+    """The RoPE scaling factor to apply, or None for no scaling (see the module docstring);
+    `longest_tokens` is the longest record's token count, before truncation."""
     if setting is None:
         return None
     if setting == "auto":
-        if native_context is None or max_sequence_length <= native_context:
-            return None
-        return math.ceil(max_sequence_length / native_context)
+        factor = min(math.ceil(longest_tokens / AUTO_ROPE_CONTEXT), MAX_ROPE_SCALING_FACTOR)
+        return factor if factor > 1 else None
     return setting if setting > 1 else None
 
 
