@@ -183,7 +183,11 @@ class Bench:
             all_status = max(t for k, t in self.seen.statuses.items() if k[0] == namespace) - t0
         cpu1, _ = proc_usage(pid)
         time.sleep(10)  # let the operator settle before reading its memory
-        _, rss1 = proc_usage(pid)
+        cpu2, rss1 = proc_usage(pid)
+        waiting = None
+        if statuses:  # the burst's jobs wait (no node can take them): what do they cost?
+            time.sleep(WAITING_WINDOW_SECONDS)
+            waiting = (proc_usage(pid)[0] - cpu2) * 60 / WAITING_WINDOW_SECONDS
         jobs = client.BatchV1Api(self.api).list_namespaced_job(namespace).items
         owners = [j.metadata.owner_references[0].uid for j in jobs]
         return {
@@ -197,7 +201,12 @@ class Bench:
             "cpu_seconds": round(cpu1 - cpu0, 1),
             "rss_before_mib": round(rss0, 1),
             "rss_after_mib": round(rss1, 1),
+            "waiting_cpu_seconds_per_minute": None if waiting is None else round(waiting, 2),
         }
+
+
+# How long the operator is watched while the burst's jobs wait for a node: two periodic checks.
+WAITING_WINDOW_SECONDS = 61
 
 
 def summary(ms: list[float]) -> dict[str, float]:
@@ -331,6 +340,12 @@ def table(result: dict[str, Any]) -> str:
         met = figure <= limit if lower else figure >= limit
         bound = "<=" if lower else ">="
         lines.append(f"{what:44} {figure:10.1f} {bound}{limit:6.0f}  {'yes' if met else 'NO'}")
+    waiting = result["burst"].get("waiting_cpu_seconds_per_minute")
+    if waiting is not None:
+        lines.append(
+            f"operator CPU-s per minute while the burst's {result['burst']['jobs']} jobs wait "
+            f"for a node: {waiting:.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -22,20 +22,17 @@ from finetune_operator.kueue import JOB_UID_LABEL
 from finetune_operator.kueue import VERSION as KUEUE_VERSION
 from finetune_operator.reconcile import Reconciler
 from finetune_operator.settings import Settings
+from finetune_operator.status import awaits_pod
 
 FTJ = (GROUP, VERSION, PLURAL)
 log = logging.getLogger(__name__)
 CHILD_LABELS: dict[str, Any] = {LABEL_UID: kopf.PRESENT}
 RETRY_SECONDS = 60  # a child refused for a reason that may pass (quota, RBAC, a webhook down)
-TICK_SECONDS = 30  # how often a job that has not started is looked at (FailedCreate, lost Job)
+TICK_SECONDS = 30  # how often a job that waits for its pod is looked at (FailedCreate, lost Job)
 # Changes of a job's Job and pods come in flurries (created, scheduled, started: a few events
 # within a fraction of a second): one status refresh a moment after the first serves them all.
 REFRESH_DELAY_SECONDS = 0.25
 BATCH_WINDOW_SECONDS = 0.01  # kopf's wait for more events of one object (its default: 0.1 s)
-
-
-def not_started(status: Mapping[str, Any]) -> bool:
-    return status.get("phase") in (None, "Pending", "Queued", "Admitted")
 
 
 _state: dict[str, Any] = {}
@@ -106,26 +103,28 @@ def reconcile(body: kopf.Body, **_: Any) -> None:
         raise kopf.TemporaryError(failure.describe(), delay=RETRY_SECONDS)
 
 
-# The periodic look at jobs that have not started. Not a kopf timer: kopf puts a finalizer on
-# every object a timer runs for, and FineTuneJobs carry none (deleting one never waits for the
-# operator). An event handler keeps the set of such jobs; one task looks at them in turn.
-_not_started: dict[tuple[str, str], None] = {}
+# The periodic look at jobs that wait for a pod no watched object announces (status.awaits_pod):
+# not every pending job, so a cluster full of queued or unschedulable jobs costs no requests. Not
+# a kopf timer: kopf puts a finalizer on every object a timer runs for, and FineTuneJobs carry
+# none (deleting one never waits for the operator). An event handler keeps the set of such jobs;
+# one task looks at them in turn.
+_awaiting_pod: dict[tuple[str, str], None] = {}
 
 
 @kopf.on.event(*FTJ)
-async def track_not_started(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
     _ensure_ticker()
     key = (body.metadata.namespace or "", body.metadata.name or "")
-    if event.get("type") != "DELETED" and not_started(body.status):
-        _not_started[key] = None
+    if event.get("type") != "DELETED" and awaits_pod(body.status):
+        _awaiting_pod[key] = None
     else:
-        _not_started.pop(key, None)
+        _awaiting_pod.pop(key, None)
 
 
 async def _tick_forever() -> None:
     while True:
         await asyncio.sleep(TICK_SECONDS)
-        for namespace, name in list(_not_started):
+        for namespace, name in list(_awaiting_pod):
             try:
                 await asyncio.to_thread(_reconciler().tick, namespace, name)
             except Exception:  # one job's trouble never stops the others' checks
@@ -150,9 +149,15 @@ _refresh_soon: set[tuple[str, str]] = set()
 
 
 async def _refresh_later(namespace: str, name: str) -> None:
+    """One refresh for the changes of a job's children until it starts reading: a change while
+    the refresh waits for a worker thread (a busy operator) is served by it too."""
     await asyncio.sleep(REFRESH_DELAY_SECONDS)
-    _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
-    await asyncio.to_thread(_reconciler().refresh, namespace, name)
+
+    def refresh() -> None:
+        _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
+        _reconciler().refresh(namespace, name)
+
+    await asyncio.to_thread(refresh)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

@@ -166,7 +166,7 @@ class Reconciler:
             self.refresh(namespace, owner)
 
     def tick(self, namespace: str, name: str) -> None:
-        """Periodic check of a job that has not started: heal a missing Job, refresh the status
+        """Periodic check of a job that waits for its pod: heal a missing Job, refresh the status
         (the Job controller's FailedCreate Events change no object the operator watches)."""
         missing = self.kube.get_job(namespace, builders.job_name(name)) is None
         self.refresh(namespace, name, heal=missing)

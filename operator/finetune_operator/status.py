@@ -7,8 +7,9 @@ placement, result, times. The trainer owns `status.progress`; nothing here write
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from finetune_api.resource import (
     Condition,
@@ -222,6 +223,23 @@ def derive(
 
 _ORDER = [t.value for t in ConditionType]
 
+# The Scheduled reasons of a job that has no training pod yet: no Job (being created, or refused),
+# the Job controller yet to make the pod, or refused to (FailedCreate).
+NO_POD_REASONS = frozenset({"JobPending", "PodCreating", "FailedCreate"})
+
+
+def awaits_pod(status: Mapping[str, Any]) -> bool:
+    """Whether a job (its status as the API server holds it) waits for a training pod that no
+    watched object will announce: what the periodic check looks at. A Job the Job controller
+    cannot make a pod for says so only in Events (FailedCreate); a job with a pod, a queued one
+    (Kueue's Workload), a suspended or a finished one changes objects the operator watches."""
+    if status.get("phase") not in (None, Phase.PENDING.value, Phase.ADMITTED.value):
+        return False
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == ConditionType.SCHEDULED.value:
+            return condition.get("reason") in NO_POD_REASONS
+    return True
+
 
 def _condition_order(type_: str) -> int:
     return _ORDER.index(type_) if type_ in _ORDER else len(_ORDER)
@@ -366,7 +384,7 @@ def _active(
             message = f"the Job controller cannot create the training pod: {failed_create[-1]}"
             b.set(ConditionType.SCHEDULED, "False", "FailedCreate", message)
             return Phase.PENDING, "FailedCreate", message
-        b.set(ConditionType.SCHEDULED, "Unknown", "PodPending", "waiting for the training pod")
+        b.set(ConditionType.SCHEDULED, "Unknown", "PodCreating", "waiting for the training pod")
         return Phase.PENDING, "Pending", "waiting for the training pod"
     if pod.node is None:
         if pod.unschedulable is not None:

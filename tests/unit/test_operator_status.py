@@ -9,7 +9,7 @@ from finetune_api import ComputeCapability
 from finetune_api.resource import FineTuneJobStatus
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
-from finetune_operator.status import Observation, derive
+from finetune_operator.status import Observation, awaits_pod, derive
 
 REQ = GpuRequirement("fp8", ComputeCapability(9, 0), None, True)
 JOB = JobView("j-train", "h", 1, 1, 0, 0, None, None, None, None)
@@ -216,3 +216,28 @@ def test_pod_view_parses_termination_messages() -> None:
         exit_code=2,
         termination_message='{"outcome": "Failed", "reason": "TrainingError", "message": "x"}',
     ).invalid_input
+
+
+def test_only_jobs_waiting_for_a_pod_nothing_announces_are_looked_at_periodically() -> None:
+    """awaits_pod, on the statuses derive writes: no Job yet, a Job without a pod and a Job the
+    Job controller cannot make a pod for (FailedCreate, known only from Events) are; a pod
+    waiting for the scheduler, a running, suspended or finished job is not (their changes come
+    as events of watched objects)."""
+
+    def dumped(status: FineTuneJobStatus) -> dict[str, Any]:
+        return status.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    assert awaits_pod({})  # not looked at by the operator yet
+    no_job, _ = derive(FineTuneJobStatus(), obs(job=None))
+    no_pod, _ = derive(no_job, obs())
+    refused = ("j-train", "FailedCreate", 'pods "j-train-x" is forbidden: exceeded quota')
+    failed_create, _ = derive(no_pod, obs(job_events=(refused,)))
+    assert conditions(failed_create)["Scheduled"] == ("False", "FailedCreate")
+    for waiting in (no_job, no_pod, failed_create):
+        assert awaits_pod(dumped(waiting)), waiting.conditions
+    unscheduled, _ = derive(no_pod, obs(pods=(pod(),)))
+    unschedulable, _ = derive(no_pod, obs(pods=(pod(unschedulable="0/1 nodes"),)))
+    running, _ = derive(no_pod, obs(pods=(pod("Running", "gpu-h100"),), node=NODE))
+    suspended, _ = derive(no_pod, obs(suspend=True))
+    for announced in (unscheduled, unschedulable, running, suspended):
+        assert not awaits_pod(dumped(announced)), announced.phase
