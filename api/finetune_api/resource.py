@@ -260,7 +260,7 @@ class FineTuneJobSpec(KubeModel):
     dataset: Annotated[DatasetSource, Field(description="The training data.")]
     output: Annotated[OutputTarget, Field(description="Where the adapter is written.")]
     resources: Annotated[
-        Resources, Field(description="GPUs, CPU and memory for the training pod.")
+        Resources, Field(description="Pods, GPUs, CPU and memory for the training.")
     ] = Field(default_factory=Resources)
     placement: Annotated[
         Placement, Field(description="Extra node selection, tolerations and priority.")
@@ -283,7 +283,10 @@ class FineTuneJobSpec(KubeModel):
         Field(
             ge=0,
             le=100,
-            description="Pod retries before the job is Failed; a retry resumes from the last checkpoint.",
+            description=(
+                "Pod retries before the job is Failed (per pod with resources.nodes > 1); a "
+                "retry resumes from the last checkpoint."
+            ),
         ),
     ] = 2
     active_deadline_seconds: Annotated[
