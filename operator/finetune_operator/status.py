@@ -114,6 +114,12 @@ def _newest(pods: tuple[PodView, ...]) -> PodView | None:
     return max(pods, key=lambda p: (p.created, p.name), default=None)
 
 
+def _rank0_succeeded(pods: tuple[PodView, ...]) -> PodView | None:
+    """The newest Succeeded pod that ran rank 0 (index 0 of a multi-node job): its outcome is
+    the run's result."""
+    return _newest(tuple(p for p in pods if p.phase == "Succeeded" and not p.index))
+
+
 def hopeless_pod(pods: tuple[PodView, ...]) -> PodView | None:
     """A pod whose trainer said retrying cannot help (the Job may already have started another)."""
     return next((p for p in pods if p.phase == "Failed" and p.invalid_input), None)
@@ -320,7 +326,8 @@ def _children(b: _Builder, obs: Observation) -> tuple[Phase, str, str] | None:
 def _finished(
     b: _Builder, obs: Observation, status: FineTuneJobStatus, job: JobView, pod: PodView | None
 ) -> tuple[Phase, str, str] | None:
-    succeeded = pod is not None and pod.phase == "Succeeded"
+    # One pod's success ends a single-pod job; several pods: the Job says when all have.
+    succeeded = pod is not None and pod.phase == "Succeeded" and job.completions == 1
     if job.complete_time is not None or succeeded:
         status.completion_time = (
             status.completion_time
@@ -328,7 +335,7 @@ def _finished(
             or (pod.finished_at if pod else None)
             or obs.now
         )
-        status.result = _result(obs, pod if succeeded else None)
+        status.result = _result(obs, _rank0_succeeded(obs.pods))
         message = f"adapter written to {status.result.adapter}"
         b.set(ConditionType.COMPLETE, "True", "Completed", message)
         b.clear(ConditionType.RUNNING, "Completed", "training finished")
