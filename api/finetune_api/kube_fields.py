@@ -210,7 +210,7 @@ class Placement(KubeModel):
                 "With resources.nodes > 1: every pod on the same GPU product (the "
                 "nvidia.com/gpu.product node label), so no pod waits on a slower one. false lets "
                 "the pods mix products that each meet the scheme's requirement."
-            )
+            ),
         ),
     ] = True
 

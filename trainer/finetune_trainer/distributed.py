@@ -91,6 +91,11 @@ SHUTDOWN_SECONDS = 240
 ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
 RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by the elastic agent for its workers
 JOIN_TIMEOUT = 900  # seconds the agents wait for all nodes (a replacement pod, a slow pull)
+# Several pods: rank 0's agent publishes the workers' store address in every rendezvous round.
+# With the store shared with the agents (torch's default) an agent that was rank 0 before
+# publishes it only in its first round, so a replacement pod joining a later round waits for it
+# until it times out.
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @dataclass(frozen=True)
@@ -470,7 +475,7 @@ def launch(
         )  # fmt: skip
     restarts = config.spec.backoff_limit
     with tempfile.TemporaryDirectory(prefix="finetune-workers-") as directory:
-        updates = {ENV_OUTCOMES: directory}
+        updates = {ENV_OUTCOMES: directory, **(NO_SHARED_STORE if meet else {})}
         if not os.environ.get("OMP_NUM_THREADS"):
             updates["OMP_NUM_THREADS"] = str(default_threads(processes))
         with (
