@@ -423,6 +423,14 @@ class PlacementStatus(StatusModel):
         ),
     ] = None
     node: Annotated[str | None, Field(description="Node the training pod was bound to.")] = None
+    nodes: Annotated[
+        list[Annotated[str, Field(max_length=253)]] | None,
+        Field(
+            max_length=64,
+            description="Several pods (resources.nodes > 1): the node of each pod, by index, "
+            "once all are bound (node is the newest pod's).",
+        ),
+    ] = None
     gpu_product: Annotated[
         str | None,
         Field(

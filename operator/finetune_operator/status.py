@@ -163,7 +163,21 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
         placement.node_compute_capability = previous.node_compute_capability
         placement.resource_claim = previous.resource_claim
         placement.gpu_devices = previous.gpu_devices
+    placement.nodes = _nodes_by_index(obs.pods) or (previous.nodes if previous else None)
     return placement
+
+
+def _nodes_by_index(pods: tuple[PodView, ...]) -> list[str] | None:
+    """A multi-node job's nodes, by completion index (each index's newest pod), once every
+    index seen has a bound pod."""
+    newest: dict[int, PodView] = {}
+    for pod in sorted(pods, key=lambda p: (p.created, p.name)):
+        if pod.index is not None:
+            newest[pod.index] = pod
+    nodes = [newest[i].node for i in sorted(newest)]
+    if not nodes or any(node is None for node in nodes):
+        return None
+    return [node for node in nodes if node is not None]
 
 
 def _queue(obs: Observation, previous: QueueStatus | None) -> QueueStatus | None:

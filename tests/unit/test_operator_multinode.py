@@ -166,3 +166,18 @@ def test_the_result_is_rank_0s_pod() -> None:
     status, _ = derive(FineTuneJobStatus(), obs(job=complete, pods=(zero, one)))
     assert status.phase == "Succeeded"
     assert status.result is not None and status.result.steps == 10
+
+
+def test_placement_lists_each_indexs_node_once_all_are_bound() -> None:
+    zero = pod("Running", "n1", name="p0", index=0)
+    one = pod("Pending", None, index=1)
+    status, _ = derive(FineTuneJobStatus(), obs(job=TWO, pods=(zero, one)))
+    assert status.placement is not None and status.placement.nodes is None
+    bound = dataclasses.replace(one, node="n2", phase="Running")
+    status, _ = derive(status, obs(job=TWO, pods=(zero, bound)))
+    assert status.placement is not None and status.placement.nodes == ["n1", "n2"]
+    # a replaced pod: its index's newest pod counts
+    again = pod("Running", "n3", name="p1b", index=1, created="2026-01-01T00:01:00Z")
+    failed = dataclasses.replace(bound, phase="Failed")
+    status, _ = derive(status, obs(job=TWO, pods=(zero, failed, again)))
+    assert status.placement is not None and status.placement.nodes == ["n1", "n3"]
