@@ -23,8 +23,8 @@ The launcher (N > 1)
     LoRA target modules on the weightless model), so that an invalid input fails fast with one
     line and no worker starts. Then starts N workers with torch's elastic launcher (standalone
     rendezvous on localhost, no restarts; across pods, as above), each running the same command
-    line, and waits for them. OMP_NUM_THREADS, when unset, becomes the available CPUs (affinity, capped by the
-    container's CPU limit) divided among the workers.
+    line, and waits for them. OMP_NUM_THREADS, when unset, becomes the available CPUs (affinity,
+    capped by the container's CPU limit) divided among the workers.
 
 The workers
     One DDP rank each (the transformers Trainer; NCCL on GPUs, gloo on CPU), on the GPU at its
@@ -36,8 +36,9 @@ The outcome
     Launched workers never write the termination message: each writes its TrainerOutcome and exit
     code into a directory the launcher made (FINETUNE_WORKER_OUTCOMES; only the last restart's
     count), and the launcher writes the one termination message and exits with the matching code:
-    its lowest rank's outcome (rank 0's on the first pod) when all succeeded; else the first failure written (when a worker fails, the launcher stops the others,
-    whose failures come later); else, when a worker died without a word (killed, out of memory),
+    its lowest rank's outcome (rank 0's on the first pod) when all succeeded; else the first
+    failure written (when a worker fails, the launcher stops the others, whose failures come
+    later); else, when a worker died without a word (killed, out of memory),
     a runtime failure naming it. Its message is the launcher's last line on stderr.
 
 SIGTERM (preemption)
