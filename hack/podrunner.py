@@ -1,15 +1,26 @@
 """Run a pod's container as a local process, the way a kubelet and container runtime would.
 
 For the local control plane only (no container engine here): the container's command runs in a
-private mount namespace (`unshare --mount`, so root is needed) where
+private mount and UTS namespace (`unshare --mount --uts`, so root is needed) where
 
 * the pod's volumes are bind-mounted at their mountPaths: configMap, secret and projected volumes
   as files (the service-account token from the TokenRequest API included), persistentVolumeClaims as the hostPath of their bound
   PersistentVolume, emptyDirs as fresh directories;
 * `readOnlyRootFilesystem` makes `/` read-only; `readOnly` mounts are read-only;
 * the termination message file is bind-mounted at `terminationMessagePath`;
-* the process gets the container's env (`value`, `secretKeyRef`, `configMapKeyRef`, `fieldRef`)
-  plus KUBERNETES_SERVICE_HOST/PORT pointing at the API server.
+* the process gets the container's env (`value`, `secretKeyRef`, `configMapKeyRef`, `fieldRef`
+  to the name, namespace, a label or an annotation: the Job controller gives an Indexed Job's
+  container JOB_COMPLETION_INDEX that way) plus KUBERNETES_SERVICE_HOST/PORT pointing at the API
+  server;
+* the hostname is the pod's `spec.hostname` (else its name), as a kubelet sets it.
+
+The stand-in's DNS: every pod shares the host's network, so every pod's address is 127.0.0.1.
+A kubelet writes the pod's /etc/hosts with its own names and cluster DNS resolves the names a
+headless Service gives the pods of its `subdomain`; here a per-pod hosts file bind-mounted at
+/etc/hosts does both: `<hostname>`, `<hostname>.<subdomain>`, `<hostname>.<subdomain>.<ns>.svc`
+and `...svc.cluster.local` for the pod itself and for every pod of the same namespace and
+subdomain this runtime runs (rewritten in place whenever one starts, as DNS would follow), all
+127.0.0.1. Nothing else: no Service IPs, no other names.
 
 It keeps the invoking user rather than the pod's runAsUser: the interpreter of this checkout's
 virtual environment usually lives under a home directory that user cannot enter. The read-only
@@ -26,6 +37,7 @@ kubelet plugin; there are no GPUs to hand over here.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shlex
 import shutil
@@ -35,6 +47,7 @@ import sys
 import tempfile
 import threading
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +78,10 @@ class LocalRuntime:
     extra_env: dict[str, str] = field(default_factory=dict)
     timeout: float = 600
     _running: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    _hosts: dict[str, tuple[Any, Path]] = field(default_factory=dict)  # pod uid -> (pod, file)
+    # Mountpoints this runtime made on the host, by the number of running pods that use them: a
+    # pod's namespace loses its mount when the host's mountpoint is removed.
+    _targets: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -78,7 +95,17 @@ class LocalRuntime:
             raise RuntimeError("finetune-trainer is not installed in this environment")
         url = urllib.parse.urlparse(server)
         workdir.mkdir(parents=True, exist_ok=True)
-        return cls(core, {image: [script]}, url.hostname or "127.0.0.1", url.port or 443, workdir)
+        # This checkout's packages first, as the image would hold them (the virtual environment's
+        # editable install may point at another checkout).
+        path = os.pathsep.join(str(REPO / folder) for folder in ("api", "trainer"))
+        return cls(
+            core,
+            {image: [script]},
+            url.hostname or "127.0.0.1",
+            url.port or 443,
+            workdir,
+            extra_env={"PYTHONPATH": path},
+        )
 
     def __call__(self, pod: Any) -> tuple[int, str]:
         return self.run(pod)
@@ -101,14 +128,23 @@ class LocalRuntime:
                 True,
             )
         )
+        hosts = base / "hosts"
+        mounts.append(Mount(hosts, "/etc/hosts", True, True))
+        created = [
+            m for m in mounts if m.target.startswith(("/etc/", "/var/run/", "/mnt/", "/dev/"))
+        ]
+        with self._lock:
+            self._hosts[pod.metadata.uid] = (pod, hosts)
+            self._write_hosts()
+            self._targets.update(m.target for m in created)
         argv = list(container.command or self.images[container.image]) + list(container.args or [])
         env = self._env(pod, container)
         log_path = self.workdir / f"{pod.metadata.namespace}-{pod.metadata.name}.log"
         stage = f"/run/podrunner-{base.name}"  # outside every volume's mount path
-        script = self._script(mounts, container, argv, stage)
+        script = self._script(mounts, container, argv, stage, pod_hostname(pod))
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                ["unshare", "--mount", "--uts", "--propagation", "private", "sh", "-c", script],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
             with self._lock:
@@ -116,15 +152,15 @@ class LocalRuntime:
             try:
                 proc.wait(timeout=self.timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self.kill(pod)
                 proc.wait()
             finally:
                 with self._lock:
                     self._running.pop(pod.metadata.uid, None)
-        created = [
-            m for m in mounts if m.target.startswith(("/etc/", "/var/run/", "/mnt/", "/dev/"))
-        ]
-        _cleanup_mountpoints(created)
+                    self._hosts.pop(pod.metadata.uid, None)
+        with self._lock:
+            self._targets.subtract(m.target for m in created)
+            _cleanup_mountpoints([m for m in created if self._targets[m.target] <= 0])
         shutil.rmtree(stage, ignore_errors=True)  # empty on the host: the mounts were private
         message = termination.read_text(errors="replace")[:TERMINATION_LIMIT]
         if (
@@ -134,7 +170,9 @@ class LocalRuntime:
         ):
             lines = log_path.read_text(errors="replace").splitlines()[-80:]
             message = "\n".join(lines)[-TERMINATION_LIMIT:]
-        return proc.returncode, message
+        # A container runtime reports death by signal N as exit code 128 + N (SIGKILL: 137).
+        code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        return code, message
 
     def stop(self, pod: Any, grace: float) -> bool:
         """A graceful deletion, as a kubelet does it: SIGTERM to the pod's container process
@@ -148,8 +186,44 @@ class LocalRuntime:
         try:
             proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.kill(pod)
         return True
+
+    def kill(self, pod: Any) -> bool:
+        """SIGKILL every process of the pod's container at once, as a runtime kills a container
+        (its cgroup), e.g. when its node dies or it runs out of memory: the container's process
+        and all its descendants. False when no process of this pod runs here."""
+        with self._lock:
+            proc = self._running.get(pod.metadata.uid)
+        if proc is None or proc.poll() is not None:
+            return False
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return True
+
+    def pid(self, pod: Any) -> int | None:
+        """The pid of the pod's container process while it runs here."""
+        with self._lock:
+            proc = self._running.get(pod.metadata.uid)
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def _write_hosts(self) -> None:
+        """Every running pod's hosts file (see the module docstring); under the lock."""
+        for pod, path in self._hosts.values():
+            lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost"]
+            for peer, _ in self._hosts.values():
+                if peer is pod or (
+                    pod.spec.subdomain
+                    and peer.spec.subdomain == pod.spec.subdomain
+                    and peer.metadata.namespace == pod.metadata.namespace
+                ):
+                    lines.append("127.0.0.1\t" + " ".join(_names(peer)))
+            text = "\n".join(lines) + "\n"
+            with open(path, "r+" if path.exists() else "w") as stream:  # in place: bind-mounted
+                stream.write(text)
+                stream.truncate()
+            path.chmod(0o644)
 
     def _mounts(self, pod: Any, container: Any, base: Path) -> list[Mount]:
         volumes = {v.name: v for v in pod.spec.volumes or []}
@@ -249,14 +323,12 @@ class LocalRuntime:
                     ref.key
                 ]
             elif var.value_from is not None and var.value_from.field_ref is not None:
-                path = var.value_from.field_ref.field_path
-                env[var.name] = {
-                    "metadata.name": pod.metadata.name,
-                    "metadata.namespace": namespace,
-                }[path]
+                env[var.name] = _field(pod, var.value_from.field_ref.field_path)
         return env
 
-    def _script(self, mounts: list[Mount], container: Any, argv: list[str], stage: str) -> str:
+    def _script(
+        self, mounts: list[Mount], container: Any, argv: list[str], stage: str, hostname: str
+    ) -> str:
         """The shell script run inside the new mount namespace.
 
         A volume mounted over a directory that holds host paths the process still needs (an
@@ -303,11 +375,60 @@ class LocalRuntime:
                 f"mkdir -p {shlex.quote(path)}",
                 f"mount --bind {stage}/{index} {shlex.quote(path)}",
             ]
+        lines.append(f"hostname {shlex.quote(hostname)}")
         sc = container.security_context
         if sc is not None and sc.read_only_root_filesystem:
             lines.append("mount -o remount,bind,ro /")
         lines.append(f"exec {shlex.join(argv)}")
         return "\n".join(lines)
+
+
+def pod_hostname(pod: Any) -> str:
+    return str(pod.spec.hostname or pod.metadata.name)
+
+
+def _names(pod: Any) -> list[str]:
+    """The names a pod answers to: its hostname and, with a subdomain, the headless Service's."""
+    host = pod_hostname(pod)
+    sub = pod.spec.subdomain
+    if not sub:
+        return [host]
+    ns = pod.metadata.namespace
+    return [f"{host}.{sub}.{ns}.svc.cluster.local", f"{host}.{sub}.{ns}.svc", f"{host}.{sub}", host]
+
+
+def _field(pod: Any, path: str) -> str:
+    """A downward-API fieldRef of the pod: name, namespace, a label or an annotation."""
+    simple = {"metadata.name": pod.metadata.name, "metadata.namespace": pod.metadata.namespace}
+    if path in simple:
+        return str(simple[path])
+    for prefix, found in (
+        ("metadata.labels", pod.metadata.labels),
+        ("metadata.annotations", pod.metadata.annotations),
+    ):
+        if path.startswith(f"{prefix}['") and path.endswith("']"):
+            return str((found or {}).get(path[len(prefix) + 2 : -2], ""))
+    raise ValueError(f"fieldRef {path}: not supported by the local runtime")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found through /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _cleanup_mountpoints(mounts: list[Mount]) -> None:

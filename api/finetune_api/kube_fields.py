@@ -84,16 +84,31 @@ class SecretKeyRef(KubeModel):
     ] = "token"
 
 
-class Resources(KubeModel):
-    """Compute for the training pod."""
+MAX_NODES = 64
 
+
+class Resources(KubeModel):
+    """Compute for the training pods: `nodes` pods of `gpus` GPUs each."""
+
+    nodes: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=MAX_NODES,
+            description=(
+                "Pods (nodes) training together, data-parallel; N > 1 runs an Indexed Job of N "
+                "pods that meet at pod 0 (torch's c10d rendezvous), all with `gpus` GPUs. The "
+                "output claim must be shared by all of them (ReadWriteMany) for N > 1."
+            ),
+        ),
+    ] = 1
     gpus: Annotated[
         int,
         Field(
             ge=1,
             le=16,
             description=(
-                "GPUs for the training pod (nvidia.com/gpu), one data-parallel worker each; "
+                "GPUs per training pod (nvidia.com/gpu), one data-parallel worker each; "
                 "batch_size and gradient_accumulation_steps are per GPU."
             ),
         ),
@@ -187,6 +202,17 @@ class Placement(KubeModel):
     priority_class_name: Annotated[
         ResourceName | None, Field(description="PriorityClass of the training pod.")
     ] = None
+    same_gpu_product: Annotated[
+        bool,
+        Field(
+            alias="sameGPUProduct",
+            description=(
+                "With resources.nodes > 1: every pod on the same GPU product (the "
+                "nvidia.com/gpu.product node label), so no pod waits on a slower one. false lets "
+                "the pods mix products that each meet the scheme's requirement."
+            ),
+        ),
+    ] = True
 
     @cel_rule(
         f"!has(self.nodeSelector) || self.nodeSelector.all(k, {label_key_cel('k')})",

@@ -260,7 +260,7 @@ class FineTuneJobSpec(KubeModel):
     dataset: Annotated[DatasetSource, Field(description="The training data.")]
     output: Annotated[OutputTarget, Field(description="Where the adapter is written.")]
     resources: Annotated[
-        Resources, Field(description="GPUs, CPU and memory for the training pod.")
+        Resources, Field(description="Pods, GPUs, CPU and memory for the training.")
     ] = Field(default_factory=Resources)
     placement: Annotated[
         Placement, Field(description="Extra node selection, tolerations and priority.")
@@ -283,7 +283,10 @@ class FineTuneJobSpec(KubeModel):
         Field(
             ge=0,
             le=100,
-            description="Pod retries before the job is Failed; a retry resumes from the last checkpoint.",
+            description=(
+                "Pod retries before the job is Failed (per pod with resources.nodes > 1); a "
+                "retry resumes from the last checkpoint."
+            ),
         ),
     ] = 2
     active_deadline_seconds: Annotated[
@@ -420,6 +423,14 @@ class PlacementStatus(StatusModel):
         ),
     ] = None
     node: Annotated[str | None, Field(description="Node the training pod was bound to.")] = None
+    nodes: Annotated[
+        list[Annotated[str, Field(max_length=253)]] | None,
+        Field(
+            max_length=64,
+            description="Several pods (resources.nodes > 1): the node of each pod, by index, "
+            "once all are bound (node is the newest pod's).",
+        ),
+    ] = None
     gpu_product: Annotated[
         str | None,
         Field(

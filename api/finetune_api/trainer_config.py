@@ -34,6 +34,16 @@ ENV_JOB_NAMESPACE = "FINETUNE_JOB_NAMESPACE"
 ENV_REPORT = "FINETUNE_REPORT_STATUS"  # "true": patch status.progress of the FineTuneJob live
 ENV_REPORT_INTERVAL = "FINETUNE_REPORT_INTERVAL"  # seconds between two progress patches
 ENV_TERMINATION_PATH = "FINETUNE_TERMINATION_MESSAGE_PATH"
+# Multi-node (spec.resources.nodes > 1): the pods of an Indexed Job meet in torch's c10d
+# rendezvous, hosted by the pod of completion index 0 (JOB_COMPLETION_INDEX, set by the Job
+# controller). The subdomain is the headless Service that gives each pod a stable name,
+# <hostname>.<subdomain>.
+ENV_NNODES = "FINETUNE_NNODES"
+ENV_RDZV_ENDPOINT = "FINETUNE_RDZV_ENDPOINT"  # HOST:PORT of index 0
+ENV_RDZV_ID = "FINETUNE_RDZV_ID"
+ENV_SUBDOMAIN = "FINETUNE_SUBDOMAIN"
+ENV_NODE_INDEX = "JOB_COMPLETION_INDEX"
+RDZV_PORT = 29400  # torchrun's default
 
 
 class _Model(BaseModel):

@@ -14,6 +14,7 @@ import yaml
 from kubernetes.client import (
     CoreV1ResourceClaim,
     RbacV1Subject,
+    V1Affinity,
     V1Capabilities,
     V1CELDeviceSelector,
     V1ConfigMap,
@@ -50,7 +51,10 @@ from kubernetes.client import (
     V1SeccompProfile,
     V1SecretKeySelector,
     V1SecurityContext,
+    V1Service,
     V1ServiceAccount,
+    V1ServicePort,
+    V1ServiceSpec,
     V1Toleration,
     V1Volume,
     V1VolumeMount,
@@ -67,7 +71,7 @@ from finetune_api.resource import (
     FineTuneJobSpec,
 )
 from finetune_operator import dra
-from finetune_operator.placement import GpuRequirement, node_affinity
+from finetune_operator.placement import GpuRequirement, node_affinity, same_product_affinity
 from finetune_operator.settings import Settings
 
 LABEL_UID = f"{GROUP}/job-uid"
@@ -126,6 +130,16 @@ def trainer_account_name(name: str) -> str:
 
 def claim_template_name(name: str) -> str:
     return child_name(name, "gpus")
+
+
+def workers_service_name(name: str) -> str:
+    return child_name(name, "workers")
+
+
+def rendezvous_endpoint(name: str) -> str:
+    """HOST:PORT of index 0 of a multi-node job: the Job controller names an Indexed Job's pod
+    <job>-<index>, and the headless Service's DNS gives it <hostname>.<subdomain>."""
+    return f"{job_name(name)}-0.{workers_service_name(name)}:{tc.RDZV_PORT}"
 
 
 def spec_hash(spec: FineTuneJobSpec) -> str:
@@ -265,6 +279,19 @@ def _volumes(spec: FineTuneJobSpec, config_map: str) -> tuple[list[V1Volume], li
     return volumes, mounts
 
 
+def _multi_node_env(job: JobIdentity, spec: FineTuneJobSpec) -> list[V1EnvVar]:
+    """What each pod of a multi-node job needs to find the others (the Job controller adds
+    JOB_COMPLETION_INDEX)."""
+    if spec.resources.nodes == 1:
+        return []
+    return [
+        V1EnvVar(name=tc.ENV_NNODES, value=str(spec.resources.nodes)),
+        V1EnvVar(name=tc.ENV_RDZV_ENDPOINT, value=rendezvous_endpoint(job.name)),
+        V1EnvVar(name=tc.ENV_RDZV_ID, value=job.uid),
+        V1EnvVar(name=tc.ENV_SUBDOMAIN, value=workers_service_name(job.name)),
+    ]
+
+
 def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1EnvVar]:
     env = [
         V1EnvVar(name=tc.ENV_JOB_NAME, value=job.name),
@@ -274,6 +301,7 @@ def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1
         V1EnvVar(name="HF_HOME", value=f"{CACHE_DIR}/huggingface"),
         V1EnvVar(name="TRITON_CACHE_DIR", value=f"{CACHE_DIR}/triton"),
         V1EnvVar(name="TMPDIR", value="/tmp"),
+        *_multi_node_env(job, spec),
     ]
     hub = spec.model.hub
     if hub is not None and hub.token_secret_ref is not None:
@@ -289,6 +317,35 @@ def _env(job: JobIdentity, spec: FineTuneJobSpec, settings: Settings) -> list[V1
     if spec.model.volume is not None:
         env.append(V1EnvVar(name="HF_HUB_OFFLINE", value="1"))
     return env
+
+
+def build_workers_service(job: JobIdentity) -> V1Service:
+    """Multi-node: the headless Service that gives each pod of the Indexed Job a stable name,
+    <job>-<index>.<service>, resolvable before the pod is ready (the rendezvous comes first)."""
+    return V1Service(
+        api_version="v1",
+        kind="Service",
+        metadata=_metadata(job, workers_service_name(job.name)),
+        spec=V1ServiceSpec(
+            cluster_ip="None",
+            selector={LABEL_UID: job.uid},
+            publish_not_ready_addresses=True,
+            ports=[V1ServicePort(name="rendezvous", port=tc.RDZV_PORT, protocol="TCP")],
+        ),
+    )
+
+
+def _affinity(
+    job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement, settings: Settings
+) -> V1Affinity | None:
+    """The GPU requirement as node affinity (device plugin; with DRA the claim places the pod)
+    and, for several pods on the same GPU product, pod affinity over the product label."""
+    if settings.dra:
+        return None
+    affinity = node_affinity(requirement, settings.labels)
+    if spec.resources.nodes > 1 and spec.placement.same_gpu_product:
+        affinity.pod_affinity = same_product_affinity({LABEL_UID: job.uid}, settings.labels)
+    return affinity
 
 
 def build_resource_claim_template(
@@ -354,8 +411,10 @@ def _tolerations(spec: FineTuneJobSpec, settings: Settings) -> list[V1Toleration
 def build_job(
     job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement, settings: Settings
 ) -> V1Job:
-    """The batch/v1 Job that trains: one pod, restricted Pod Security, placed by GPU affinity
-    (device plugin) or by the allocation of its ResourceClaim (DRA)."""
+    """The batch/v1 Job that trains: one pod, or for resources.nodes N > 1 an Indexed Job of N
+    pods under the headless workers Service; restricted Pod Security, placed by GPU affinity
+    (device plugin) or by the allocation of each pod's ResourceClaim (DRA)."""
+    nodes = spec.resources.nodes
     volumes, mounts = _volumes(spec, config_map_name(job.name))
     container = V1Container(
         name=TRAINER_CONTAINER,
@@ -390,7 +449,7 @@ def build_job(
             fs_group=TRAINER_UID,
             seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
         ),
-        affinity=None if settings.dra else node_affinity(requirement, settings.labels),
+        affinity=_affinity(job, spec, requirement, settings),
         resource_claims=[
             V1PodResourceClaim(
                 name=dra.REQUEST, resource_claim_template_name=claim_template_name(job.name)
@@ -402,6 +461,7 @@ def build_job(
         tolerations=_tolerations(spec, settings),
         priority_class_name=spec.placement.priority_class_name,
         volumes=volumes,
+        subdomain=workers_service_name(job.name) if nodes > 1 else None,
     )
     template_meta = V1ObjectMeta(labels=labels(job), annotations={LABEL_NAME: job.name})
     metadata = _metadata(job, job_name(job.name), {ANNOTATION_SPEC_HASH: spec_hash(spec)})
@@ -411,10 +471,12 @@ def build_job(
         kind="Job",
         metadata=metadata,
         spec=V1JobSpec(
-            backoff_limit=spec.backoff_limit,
+            # Several pods: one failure may fail them all (index 0 hosts the rendezvous).
+            backoff_limit=spec.backoff_limit * nodes,
             active_deadline_seconds=spec.active_deadline_seconds,
-            completions=1,
-            parallelism=1,
+            completions=nodes,
+            parallelism=nodes,
+            completion_mode="Indexed" if nodes > 1 else None,
             # A queued Job starts suspended and only Kueue unsuspends it (on admission); the
             # operator never touches its suspend (spec.suspend becomes the Workload's active).
             suspend=True if job.queued else spec.suspend,

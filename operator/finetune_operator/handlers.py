@@ -163,6 +163,7 @@ async def _refresh_later(namespace: str, name: str) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_LABELS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)

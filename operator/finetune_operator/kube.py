@@ -81,6 +81,7 @@ class Kube:
     def _creator(self, obj: Any) -> Any:
         creators = {
             "V1ConfigMap": self.core.create_namespaced_config_map,
+            "V1Service": self.core.create_namespaced_service,
             "V1ServiceAccount": self.core.create_namespaced_service_account,
             "V1Role": self.rbac.create_namespaced_role,
             "V1RoleBinding": self.rbac.create_namespaced_role_binding,
@@ -105,6 +106,7 @@ class Kube:
         """Delete a child created moments ago (rollback), its dependents in the background."""
         deleters = {
             "V1ConfigMap": self.core.delete_namespaced_config_map,
+            "V1Service": self.core.delete_namespaced_service,
             "V1ServiceAccount": self.core.delete_namespaced_service_account,
             "V1Role": self.rbac.delete_namespaced_role,
             "V1RoleBinding": self.rbac.delete_namespaced_role_binding,

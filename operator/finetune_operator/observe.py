@@ -13,6 +13,9 @@ from pydantic import ValidationError
 from finetune_api.trainer_config import EXIT_INVALID_INPUT, TrainerOutcome
 from finetune_operator.builders import ANNOTATION_SPEC_HASH
 
+# The Job controller's annotation on each pod of an Indexed Job (a multi-node job).
+ANNOTATION_INDEX = "batch.kubernetes.io/job-completion-index"
+
 
 def outcome_from_message(message: str | None) -> TrainerOutcome | None:
     """The trainer's termination message as a TrainerOutcome, if it is one."""
@@ -45,6 +48,7 @@ class PodView:
     waiting_reason: str | None = None  # a container waiting to start: ImagePullBackOff, ...
     waiting_message: str | None = None
     claims: tuple[str, ...] = ()  # the ResourceClaims Kubernetes made for the pod (DRA)
+    index: int | None = None  # completion index in a multi-node job (0 runs rank 0)
 
     @classmethod
     def from_api(cls, pod: Mapping[str, Any]) -> PodView:
@@ -78,7 +82,9 @@ class PodView:
                 exit_code = terminated.get("exitCode")
                 message = terminated.get("message")
         meta = pod["metadata"]
+        index = (meta.get("annotations") or {}).get(ANNOTATION_INDEX)
         return cls(
+            index=int(index) if index is not None and index.isdigit() else None,
             name=meta["name"],
             created=meta.get("creationTimestamp") or "",
             node=(pod.get("spec") or {}).get("nodeName"),
@@ -133,6 +139,7 @@ class JobView:
     failed_message: str | None
     failed_time: str | None
     uid: str = ""
+    completions: int = 1  # pods that must succeed: resources.nodes
 
     @classmethod
     def from_api(cls, job: Mapping[str, Any]) -> JobView:
@@ -152,6 +159,7 @@ class JobView:
         return cls(
             name=meta["name"],
             uid=meta.get("uid") or "",
+            completions=(job.get("spec") or {}).get("completions") or 1,
             spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
             suspended=bool((job.get("spec") or {}).get("suspend")),
             active=status.get("active") or 0,

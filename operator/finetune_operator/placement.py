@@ -9,10 +9,13 @@ from dataclasses import dataclass
 
 from kubernetes.client import (
     V1Affinity,
+    V1LabelSelector,
     V1NodeAffinity,
     V1NodeSelector,
     V1NodeSelectorRequirement,
     V1NodeSelectorTerm,
+    V1PodAffinity,
+    V1PodAffinityTerm,
 )
 
 from finetune_api.gpu import ComputeCapability, scheme_key
@@ -91,6 +94,20 @@ def node_affinity(requirement: GpuRequirement, labels: GpuLabels) -> V1Affinity:
                 node_selector_terms=[V1NodeSelectorTerm(match_expressions=t) for t in terms]
             )
         )
+    )
+
+
+def same_product_affinity(selector: Mapping[str, str], labels: GpuLabels) -> V1PodAffinity:
+    """Required pod affinity of a multi-node job's pods to each other over the GPU product label:
+    the scheduler places the first pod by the node affinity, then every other pod only on a node
+    whose product label has the same value (a pod matching its own term may go first)."""
+    return V1PodAffinity(
+        required_during_scheduling_ignored_during_execution=[
+            V1PodAffinityTerm(
+                label_selector=V1LabelSelector(match_labels=dict(selector)),
+                topology_key=labels.product,
+            )
+        ]
     )
 
 

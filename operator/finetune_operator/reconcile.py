@@ -182,6 +182,8 @@ class Reconciler:
                 builders.build_role_binding(job),
             ]
         children.append(builders.build_config_map(job, spec, requirement))
+        if spec.resources.nodes > 1:
+            children.append(builders.build_workers_service(job))
         if self.settings.dra:
             children.append(builders.build_resource_claim_template(job, spec, requirement))
         children.append(builders.build_job(job, spec, requirement, self.settings))

@@ -115,6 +115,12 @@ def _newest(pods: tuple[PodView, ...]) -> PodView | None:
     return max(pods, key=lambda p: (p.created, p.name), default=None)
 
 
+def _rank0_succeeded(pods: tuple[PodView, ...]) -> PodView | None:
+    """The newest Succeeded pod that ran rank 0 (index 0 of a multi-node job): its outcome is
+    the run's result."""
+    return _newest(tuple(p for p in pods if p.phase == "Succeeded" and not p.index))
+
+
 def hopeless_pod(pods: tuple[PodView, ...]) -> PodView | None:
     """A pod whose trainer said retrying cannot help (the Job may already have started another)."""
     return next((p for p in pods if p.phase == "Failed" and p.invalid_input), None)
@@ -158,7 +164,21 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
         placement.node_compute_capability = previous.node_compute_capability
         placement.resource_claim = previous.resource_claim
         placement.gpu_devices = previous.gpu_devices
+    placement.nodes = _nodes_by_index(obs.pods) or (previous.nodes if previous else None)
     return placement
+
+
+def _nodes_by_index(pods: tuple[PodView, ...]) -> list[str] | None:
+    """A multi-node job's nodes, by completion index (each index's newest pod), once every
+    index seen has a bound pod."""
+    newest: dict[int, PodView] = {}
+    for pod in sorted(pods, key=lambda p: (p.created, p.name)):
+        if pod.index is not None:
+            newest[pod.index] = pod
+    nodes = [newest[i].node for i in sorted(newest)]
+    if not nodes or any(node is None for node in nodes):
+        return None
+    return [node for node in nodes if node is not None]
 
 
 def _queue(obs: Observation, previous: QueueStatus | None) -> QueueStatus | None:
@@ -338,7 +358,8 @@ def _children(b: _Builder, obs: Observation) -> tuple[Phase, str, str] | None:
 def _finished(
     b: _Builder, obs: Observation, status: FineTuneJobStatus, job: JobView, pod: PodView | None
 ) -> tuple[Phase, str, str] | None:
-    succeeded = pod is not None and pod.phase == "Succeeded"
+    # One pod's success ends a single-pod job; several pods: the Job says when all have.
+    succeeded = pod is not None and pod.phase == "Succeeded" and job.completions == 1
     if job.complete_time is not None or succeeded:
         status.completion_time = (
             status.completion_time
@@ -346,7 +367,7 @@ def _finished(
             or (pod.finished_at if pod else None)
             or obs.now
         )
-        status.result = _result(obs, pod if succeeded else None)
+        status.result = _result(obs, _rank0_succeeded(obs.pods))
         message = f"adapter written to {status.result.adapter}"
         b.set(ConditionType.COMPLETE, "True", "Completed", message)
         b.clear(ConditionType.RUNNING, "Completed", "training finished")

@@ -117,6 +117,7 @@ FIELDS: dict[tuple[str, ...], st.SearchStrategy[Any]] = {
     ("dataset", "claimName"): st.sampled_from(["data", "Data", "a_b", "", "a.b"]),
     ("output", "path"): st.sampled_from(["out", "a/b", "..", "a/..", "/x", "a/.../b"]),
     ("resources", "gpus"): ints,
+    ("resources", "nodes"): st.sampled_from([-1, 0, 1, 2, 63, 64, 65]),
     ("resources", "cpu"): st.sampled_from([1, "2", "500m", "1.5", "x", "1Gi", "-2", -2, 0, "+1"]),
     ("resources", "memory"): st.sampled_from(["64Gi", "1e3", "1G", "Gi", 64, "-48Gi", "9" * 65]),
     ("placement", "priorityClassName"): st.sampled_from(["high", "", "Bad_Name", "a" * 254]),

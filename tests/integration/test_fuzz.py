@@ -77,6 +77,8 @@ BAD: list[tuple[str, Mutation]] = [
       for v in (15, 1_048_577, "2048", 0)],
     *[(f"output path {v!r}", put("output.path", v)) for v in ("..", "/x", "a/..", "o" * 4097)],
     *[(f"gpus {v!r}", put("resources.gpus", v)) for v in (0, 17, -1, "1", 1.5)],
+    *[(f"nodes {v!r}", put("resources.nodes", v)) for v in (0, 65, -1, "2", 1.5)],
+    *[(f"sameGPUProduct {v!r}", put("placement.sameGPUProduct", v)) for v in ("yes", 1)],
     *[(f"cpu {v!r}", put("resources.cpu", v)) for v in ("-2", -1, "x", "1..0", "9" * 65, True)],
     *[(f"memory {v!r}", put("resources.memory", v)) for v in ("-48Gi", "Gi", "lots", -5, "1 Gi")],
     *[(f"nodeSelector {json!r}", put("placement.nodeSelector", json)) for json in (

@@ -430,3 +430,27 @@ def test_preempted_trainer_checkpoints_and_resumes_when_readmitted(
     assert summary["steps"] == steps and summary["resumed_from"].startswith("checkpoint-")
     (job,) = [j for j in ns.jobs() if j.metadata.name == "low-train"]
     assert not job.status.failed, "the preemption used up a retry"
+
+
+def test_a_multi_node_job_is_one_workload_admitted_whole_or_not_at_all(
+    queued: Namespace, kueue: LocalKueue
+) -> None:
+    """resources.nodes 2: one Job of parallelism 2, so one Workload whose pod set counts 2 pods.
+    Each flavor has quota for 1 GPU: Kueue admits no part of it (no pod starts)."""
+    ns = queued
+    manifest = queued_job("duo", "team-a", "bnb-4bit", resources={"nodes": 2, "gpus": 1})
+    assert ns.apply(manifest).returncode == 0
+
+    def waiting() -> dict[str, Any] | None:
+        s = status(ns, "duo")
+        return s if s.get("phase") == "Queued" and "quota" in s.get("message", "") else None
+
+    queued_status = wait_for(waiting, timeout=60, what="duo Queued for quota",
+                             describe=lambda: status(ns, "duo"))  # fmt: skip
+    wl = workload(ns, "duo")
+    assert [(ps["name"], ps["count"]) for ps in wl["spec"]["podSets"]] == [("main", 2)]
+    assert wl.get("status", {}).get("admission") is None
+    assert queued_status["message"].startswith("queued in LocalQueue team-a: ")
+    (job,) = [j for j in ns.jobs() if j.metadata.name == "duo-train"]
+    assert job.spec.suspend is True and job.spec.parallelism == 2
+    assert ns.pods("duo") == []

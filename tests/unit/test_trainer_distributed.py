@@ -70,7 +70,10 @@ def test_a_bad_override_is_invalid_input(value: str) -> None:
 def test_this_process_in_the_run() -> None:
     assert distributed.current({}) == Worker(rank=0, local_rank=0, world_size=1)
     worker = distributed.current({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
-    assert worker == Worker(rank=3, local_rank=1, world_size=4)
+    assert worker == Worker(rank=3, local_rank=1, world_size=4, local_world_size=4)
+    # One of two pods of 2 workers each: the GPUs it needs are its own pod's.
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    assert distributed.current(env).local_world_size == 2
     assert worker.distributed and not worker.is_main
     assert Worker().is_main and not Worker().distributed
 
@@ -229,11 +232,81 @@ def test_a_signalled_launcher_without_worker_outcomes_is_an_interruption() -> No
     assert conclude(outcomes, LaunchResult(signal="SIGTERM"), 2) == (stopped, 1)
 
 
-def test_no_outcome_from_rank_0_is_a_failure() -> None:
-    outcomes = {1: WorkerOutcome(1, SUCCEEDED, 0, 1.0)}
-    outcome, code = conclude(outcomes, LaunchResult(), 2)
+def test_a_pod_without_rank_0_reports_its_lowest_ranks_outcome() -> None:
+    """Pod 1 of a multi-node run holds ranks 2 and 3: their success is its outcome."""
+    third = SUCCEEDED.model_copy(update={"message": "rank 2"})
+    outcomes = {3: WorkerOutcome(3, SUCCEEDED, 0, 1.0), 2: WorkerOutcome(2, third, 0, 2.0)}
+    assert conclude(outcomes, LaunchResult(), 4) == (third, 0)
+
+
+def test_no_outcome_at_all_is_a_failure() -> None:
+    outcome, code = conclude({}, LaunchResult(), 2)
     assert (outcome.outcome, code) == ("Failed", 1)
-    assert outcome.message == "the 2 workers ended but rank 0 reported no outcome"
+    assert outcome.message == "the 2 workers ended but none reported an outcome"
+
+
+def test_only_the_last_restarts_outcomes_count(tmp_path: Path) -> None:
+    """A peer pod died: this pod's agent restarted its workers, whose first attempt failed."""
+    lost = failed("RuntimeError: Connection closed by peer")
+    (tmp_path / "rank-0.json").write_text(WorkerOutcome(0, SUCCEEDED, 0, 9.0, 1).to_json())
+    (tmp_path / "rank-1.json").write_text(WorkerOutcome(1, lost, 1, 2.0, 0).to_json())
+    outcomes = distributed.read_outcomes(tmp_path)
+    assert list(outcomes) == [0]
+    assert conclude(outcomes, LaunchResult(), 2) == (SUCCEEDED, 0)
+
+
+# --- Several pods -----------------------------------------------------------------------------
+
+POD_1 = {
+    "FINETUNE_NNODES": "3",
+    "FINETUNE_RDZV_ENDPOINT": "tiny-train-0.tiny-workers:29400",
+    "FINETUNE_RDZV_ID": "uid-1",
+    "FINETUNE_SUBDOMAIN": "tiny-workers",
+    "JOB_COMPLETION_INDEX": "1",
+}
+
+
+def test_the_rendezvous_comes_from_the_operators_env() -> None:
+    import socket
+
+    assert distributed.rendezvous({}) is None
+    assert distributed.rendezvous({**POD_1, "FINETUNE_NNODES": "1"}) is None
+    assert distributed.rendezvous({**POD_1, "LOCAL_RANK": "0"}) is None  # a worker: no launcher
+    meet = distributed.rendezvous(POD_1)
+    assert meet == distributed.Rendezvous(
+        nodes=3,
+        index=1,
+        endpoint="tiny-train-0.tiny-workers:29400",
+        run_id="uid-1",
+        local_addr=f"{socket.gethostname()}.tiny-workers",
+    )
+    assert not meet.is_host
+    assert distributed.rendezvous({**POD_1, "JOB_COMPLETION_INDEX": "0"}).is_host  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"FINETUNE_RDZV_ENDPOINT": ""}, {"JOB_COMPLETION_INDEX": "3"}, {"JOB_COMPLETION_INDEX": "x"}],
+)
+def test_a_rendezvous_without_endpoint_or_index_is_invalid_input(change: dict[str, str]) -> None:
+    with pytest.raises(InvalidInputError) as error:
+        distributed.rendezvous({**POD_1, **change})
+    assert error.value.message.startswith(
+        "FINETUNE_NNODES=3 needs FINETUNE_RDZV_ENDPOINT (HOST:PORT) and JOB_COMPLETION_INDEX (0 to 2)"
+    )
+
+
+def test_launch_config_alone_and_together(tmp_path: Path) -> None:
+    alone = distributed.launch_config(2, str(tmp_path))
+    assert (alone.min_nodes, alone.max_nodes, alone.nproc_per_node) == (1, 1, 2)
+    assert (alone.rdzv_endpoint, alone.max_restarts) == ("localhost:0", 0)
+    meet = distributed.rendezvous({**POD_1, "JOB_COMPLETION_INDEX": "0"})
+    together = distributed.launch_config(1, str(tmp_path), meet, restarts=2)
+    assert (together.min_nodes, together.max_nodes, together.nproc_per_node) == (3, 3, 1)
+    assert together.rdzv_endpoint == "tiny-train-0.tiny-workers:29400"
+    assert together.run_id == "uid-1" and together.max_restarts == 2
+    assert together.rdzv_configs["is_host"] is True
+    assert together.local_addr.endswith(".tiny-workers")
 
 
 # --- SIGTERM during data-parallel training ------------------------------------------------------

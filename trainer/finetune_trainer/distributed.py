@@ -6,13 +6,25 @@ How many processes
     A process that already is a distributed worker (LOCAL_RANK or WORLD_SIZE in its environment,
     e.g. started by torchrun) never launches more.
 
+Several pods (spec.resources.nodes > 1)
+    The operator runs an Indexed Job and sets FINETUNE_NNODES, FINETUNE_RDZV_ENDPOINT (index 0's
+    stable name and port), FINETUNE_RDZV_ID (the FineTuneJob's uid) and FINETUNE_SUBDOMAIN (the
+    headless Service). Every pod launches its workers (even one) with torch's elastic agent in a
+    c10d rendezvous of exactly N nodes: the agent of index 0 hosts its store, each agent names
+    itself by its pod's stable name (<hostname>.<subdomain>), so index 0 sorts first and holds
+    global rank 0. When a peer dies, the surviving agents stop their workers and, up to
+    spec.backoffLimit times, start them again in a new rendezvous round once the Job's replacement
+    pod has joined; every worker then resumes from the newest checkpoint in the shared output
+    volume. When index 0 dies, the store is gone: the other agents fail too, and the Job's
+    replacement pods start the group again from the checkpoint.
+
 The launcher (N > 1)
     First runs the pre-flight checks once (hardware, dataset, model config and tokenizer, plan,
     LoRA target modules on the weightless model), so that an invalid input fails fast with one
     line and no worker starts. Then starts N workers with torch's elastic launcher (standalone
-    rendezvous on localhost, no restarts), each running the same command line, and waits for
-    them. OMP_NUM_THREADS, when unset, becomes the available CPUs (affinity, capped by the
-    container's CPU limit) divided among the workers.
+    rendezvous on localhost, no restarts; across pods, as above), each running the same command
+    line, and waits for them. OMP_NUM_THREADS, when unset, becomes the available CPUs (affinity,
+    capped by the container's CPU limit) divided among the workers.
 
 The workers
     One DDP rank each (the transformers Trainer; NCCL on GPUs, gloo on CPU), on the GPU at its
@@ -22,10 +34,11 @@ The workers
 
 The outcome
     Launched workers never write the termination message: each writes its TrainerOutcome and exit
-    code into a directory the launcher made (FINETUNE_WORKER_OUTCOMES), and the launcher writes
-    the one termination message and exits with the matching code: rank 0's outcome when all
-    succeeded; else the first failure written (when a worker fails, the launcher stops the others,
-    whose failures come later); else, when a worker died without a word (killed, out of memory),
+    code into a directory the launcher made (FINETUNE_WORKER_OUTCOMES; only the last restart's
+    count), and the launcher writes the one termination message and exits with the matching code:
+    its lowest rank's outcome (rank 0's on the first pod) when all succeeded; else the first
+    failure written (when a worker fails, the launcher stops the others, whose failures come
+    later); else, when a worker died without a word (killed, out of memory),
     a runtime failure naming it. Its message is the launcher's last line on stderr.
 
 SIGTERM (preemption)
@@ -43,6 +56,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -50,9 +64,18 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from finetune_api.trainer_config import EXIT_FAILED, EXIT_OK, TrainerOutcome
+from finetune_api.trainer_config import (
+    ENV_NNODES,
+    ENV_NODE_INDEX,
+    ENV_RDZV_ENDPOINT,
+    ENV_RDZV_ID,
+    ENV_SUBDOMAIN,
+    EXIT_FAILED,
+    EXIT_OK,
+    TrainerOutcome,
+)
 from finetune_trainer.errors import InvalidInputError
 from finetune_trainer.report import write_outcome
 
@@ -67,6 +90,13 @@ WORKER_ENV = ("LOCAL_RANK", "WORLD_SIZE")
 # Seconds the workers get to checkpoint after a SIGTERM, within the pod's 300 s grace period.
 SHUTDOWN_SECONDS = 240
 ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"  # set by the elastic agent for its workers
+JOIN_TIMEOUT = 900  # seconds the agents wait for all nodes (a replacement pod, a slow pull)
+# Several pods: rank 0's agent publishes the workers' store address in every rendezvous round.
+# With the store shared with the agents (torch's default) an agent that was rank 0 before
+# publishes it only in its first round, so a replacement pod joining a later round waits for it
+# until it times out.
+NO_SHARED_STORE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +106,7 @@ class Worker:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # the workers in this pod
 
     @property
     def is_main(self) -> bool:
@@ -104,10 +135,52 @@ def current(env: Mapping[str, str] | None = None) -> Worker:
     env = os.environ if env is None else env
     if not is_worker(env):
         return Worker()
+    world_size = max(1, _int(env, "WORLD_SIZE", 1))
     return Worker(
         rank=_int(env, "RANK", 0),
         local_rank=_int(env, "LOCAL_RANK", 0),
-        world_size=max(1, _int(env, "WORLD_SIZE", 1)),
+        world_size=world_size,
+        local_world_size=max(1, _int(env, "LOCAL_WORLD_SIZE", world_size)),
+    )
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the pods of a multi-node run meet (see the module docstring)."""
+
+    nodes: int
+    index: int  # this pod's completion index
+    endpoint: str  # HOST:PORT of index 0
+    run_id: str
+    local_addr: str | None  # this pod's stable name, <hostname>.<subdomain>
+
+    @property
+    def is_host(self) -> bool:
+        return self.index == 0
+
+
+def rendezvous(env: Mapping[str, str] | None = None) -> Rendezvous | None:
+    """The multi-node rendezvous the operator configured; None for a single pod (and in a
+    worker: only launchers meet)."""
+    env = os.environ if env is None else env
+    nodes = _int(env, ENV_NNODES, 1)
+    if nodes <= 1 or is_worker(env):
+        return None
+    endpoint = env.get(ENV_RDZV_ENDPOINT, "").strip()
+    index = _int(env, ENV_NODE_INDEX, -1)
+    if not endpoint or not 0 <= index < nodes:
+        raise InvalidInputError(
+            f"{ENV_NNODES}={nodes} needs {ENV_RDZV_ENDPOINT} (HOST:PORT) and {ENV_NODE_INDEX} "
+            f"(0 to {nodes - 1}), as an Indexed Job sets them; got {endpoint!r} and "
+            f"{env.get(ENV_NODE_INDEX)!r}"
+        )
+    subdomain = env.get(ENV_SUBDOMAIN, "").strip()
+    return Rendezvous(
+        nodes=nodes,
+        index=index,
+        endpoint=endpoint,
+        run_id=env.get(ENV_RDZV_ID, "").strip() or "finetune",
+        local_addr=f"{socket.gethostname()}.{subdomain}" if subdomain else None,
     )
 
 
@@ -177,6 +250,7 @@ class WorkerOutcome:
     outcome: TrainerOutcome
     exit_code: int
     written: float  # time.time() when written: the first failure is the root cause
+    attempt: int = 0  # the elastic agent's restart count when written
 
     def to_json(self) -> str:
         return json.dumps(
@@ -184,6 +258,7 @@ class WorkerOutcome:
                 "rank": self.rank,
                 "exitCode": self.exit_code,
                 "written": self.written,
+                "attempt": self.attempt,
                 "outcome": self.outcome.model_dump(mode="json", by_alias=True, exclude_none=True),
             }
         )
@@ -196,6 +271,7 @@ class WorkerOutcome:
             outcome=TrainerOutcome.model_validate(data["outcome"]),
             exit_code=int(data["exitCode"]),
             written=float(data["written"]),
+            attempt=int(data.get("attempt", 0)),
         )
 
 
@@ -211,7 +287,8 @@ def deliver(outcome: TrainerOutcome, exit_code: int, env: Mapping[str, str] | No
     worker = current(env)
     directory = env.get(ENV_OUTCOMES)
     if directory and is_worker(env):
-        report = WorkerOutcome(worker.rank, outcome, exit_code, time.time())
+        attempt = _int(env, RESTART_COUNT, 0)
+        report = WorkerOutcome(worker.rank, outcome, exit_code, time.time(), attempt)
         target = outcome_file(directory, worker.rank)
         partial = target.with_suffix(".partial")
         partial.write_text(report.to_json(), encoding="utf-8")
@@ -235,8 +312,9 @@ class LaunchResult:
 
 
 def read_outcomes(directory: str | Path) -> dict[int, WorkerOutcome]:
-    """The outcomes the workers wrote, by rank (a missing or unreadable one is left out)."""
-    outcomes = {}
+    """The outcomes the workers of the last restart wrote, by rank (a missing or unreadable one
+    is left out)."""
+    outcomes: dict[int, WorkerOutcome] = {}
     for path in sorted(Path(directory).glob("rank-*.json")):
         try:
             report = WorkerOutcome.from_json(path.read_text(encoding="utf-8"))
@@ -244,7 +322,8 @@ def read_outcomes(directory: str | Path) -> dict[int, WorkerOutcome]:
             log.warning("unreadable worker outcome %s: %s", path.name, exc)
             continue
         outcomes[report.rank] = report
-    return outcomes
+    last = max((report.attempt for report in outcomes.values()), default=0)
+    return {rank: report for rank, report in outcomes.items() if report.attempt == last}
 
 
 def describe_exit(code: int) -> str:
@@ -282,9 +361,9 @@ def conclude(
         return TrainerOutcome(
             outcome="Failed", reason="TrainingError", message=message
         ), EXIT_FAILED
-    main = outcomes.get(0)
+    main = outcomes[min(outcomes)] if outcomes else None
     if main is None:
-        message = f"the {world_size} workers ended but rank 0 reported no outcome"
+        message = f"the {world_size} workers ended but none reported an outcome"
         return TrainerOutcome(
             outcome="Failed", reason="TrainingError", message=message
         ), EXIT_FAILED
@@ -323,25 +402,51 @@ def _signal_handlers() -> Iterator[None]:
                 signal.signal(getattr(signal, name), handler)
 
 
-def run_workers(processes: int, argv: Sequence[str], log_dir: str) -> LaunchResult:
-    """Start `processes` workers running `python -m finetune_trainer ARGV` and wait for them."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+def launch_config(
+    processes: int, log_dir: str, meet: Rendezvous | None = None, restarts: int = 0
+) -> Any:
+    """torch's LaunchConfig: one pod alone (a standalone store on a free local port, no restarts:
+    a failed run is the operator's to retry), or one of `meet.nodes` pods in the c10d
+    rendezvous at index 0, whose agents restart their workers up to `restarts` times."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.launcher.api import LaunchConfig
 
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=processes,
-        run_id=uuid.uuid4().hex,
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",  # standalone: a store on a free local port
-        local_addr="localhost",
-        max_restarts=0,  # a failed run is the operator's to retry (it resumes from checkpoints)
-        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
-        signals_to_handle=ELASTIC_SIGNALS,
-        shutdown_timeout=SHUTDOWN_SECONDS,
+    common: dict[str, Any] = {
+        "nproc_per_node": processes,
+        "rdzv_backend": "c10d",
+        "logs_specs": DefaultLogsSpecs(log_dir=log_dir),
+        "signals_to_handle": ELASTIC_SIGNALS,
+        "shutdown_timeout": SHUTDOWN_SECONDS,
+    }
+    if meet is None:
+        return LaunchConfig(
+            min_nodes=1,
+            max_nodes=1,
+            run_id=uuid.uuid4().hex,
+            rdzv_endpoint="localhost:0",
+            local_addr="localhost",
+            max_restarts=0,
+            **common,
+        )
+    return LaunchConfig(
+        min_nodes=meet.nodes,
+        max_nodes=meet.nodes,
+        run_id=meet.run_id,
+        rdzv_endpoint=meet.endpoint,
+        rdzv_configs={"join_timeout": JOIN_TIMEOUT, "is_host": meet.is_host},
+        local_addr=meet.local_addr,
+        max_restarts=restarts,
+        **common,
     )
+
+
+def run_workers(config: Any, argv: Sequence[str]) -> LaunchResult:
+    """Start the workers `config` (a LaunchConfig) describes, each running
+    `python -m finetune_trainer ARGV`, and wait for them."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
     try:
         elastic_launch(config, sys.executable)("-m", "finetune_trainer", *argv)
     except ChildFailedError as exc:
@@ -353,21 +458,31 @@ def run_workers(processes: int, argv: Sequence[str], log_dir: str) -> LaunchResu
 
 
 def launch(
-    config: TrainerConfig, processes: int, argv: Sequence[str]
+    config: TrainerConfig, processes: int, argv: Sequence[str], meet: Rendezvous | None = None
 ) -> tuple[TrainerOutcome, int]:
-    """Check the inputs once, run `processes` data-parallel workers, and return the run's one
-    outcome and exit code (an invalid input raises InvalidInputError before any worker starts)."""
+    """Check the inputs once, run `processes` data-parallel workers (in this pod; `meet`: with
+    the other pods'), and return this pod's one outcome and exit code (an invalid input raises
+    InvalidInputError before any worker starts)."""
     from finetune_trainer.pipeline import preflight
 
-    preflight(config, processes)
-    log.info("starting %d data-parallel workers", processes)
+    world_size = processes * (meet.nodes if meet else 1)
+    preflight(config, processes, world_size)
+    if meet is None:
+        log.info("starting %d data-parallel workers", processes)
+    else:
+        log.info(
+            "starting %d of %d data-parallel workers: pod %d of %d, rendezvous at %s",
+            processes, world_size, meet.index, meet.nodes, meet.endpoint,
+        )  # fmt: skip
+    restarts = config.spec.backoff_limit
     with tempfile.TemporaryDirectory(prefix="finetune-workers-") as directory:
-        updates = {ENV_OUTCOMES: directory}
+        updates = {ENV_OUTCOMES: directory, **(NO_SHARED_STORE if meet else {})}
         if not os.environ.get("OMP_NUM_THREADS"):
             updates["OMP_NUM_THREADS"] = str(default_threads(processes))
         with (
             _environment(updates, restore=["TORCHELASTIC_SIGNALS_TO_HANDLE"]),
             _signal_handlers(),
         ):
-            result = run_workers(processes, argv, str(Path(directory) / "logs"))
-        return conclude(read_outcomes(directory), result, processes)
+            logs = str(Path(directory) / "logs")
+            result = run_workers(launch_config(processes, logs, meet, restarts), argv)
+        return conclude(read_outcomes(directory), result, world_size)

@@ -10,7 +10,8 @@ outcome is also written as a TrainerOutcome JSON termination message; on failure
 the last line on stderr.
 
 A pod with several GPUs trains data-parallel: this process checks the inputs, then runs one worker
-per GPU (FINETUNE_NPROC overrides the count) and reports their one outcome; see distributed.py.
+per GPU (FINETUNE_NPROC overrides the count) and reports their one outcome; several pods (an
+Indexed Job) do the same together, meeting in torch's c10d rendezvous; see distributed.py.
 """
 
 from __future__ import annotations
@@ -89,9 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_trainer_config(args.job, overrides)
         processes = distributed.processes_to_launch()
-        if processes > 1:
+        meet = distributed.rendezvous()
+        if processes > 1 or meet is not None:
             argv = sys.argv[1:] if argv is None else list(argv)
-            return finish(*distributed.launch(config, processes, argv))
+            return finish(*distributed.launch(config, processes, argv, meet))
         result = train(config)
     except TrainerError as failure:
         return fail(failure)

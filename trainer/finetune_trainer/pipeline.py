@@ -93,15 +93,16 @@ def prepare(config: TrainerConfig, world_size: int = 1) -> Prepared:
     return Prepared(plan, tokenizer, train, validation, model, model_config, rope)
 
 
-def preflight(config: TrainerConfig, world_size: int) -> Plan:
+def preflight(config: TrainerConfig, processes: int, world_size: int | None = None) -> Plan:
     """Everything that can be checked without the weights, done once before data-parallel
-    workers start (each worker checks again): the hardware for the scheme and the worker count,
-    the dataset, the model's config and tokenizer, the plan, and the LoRA target modules (on the
+    workers start (each worker checks again): the hardware for the scheme and the `processes`
+    of this pod, the dataset, the model's config and tokenizer, the plan for `world_size` workers
+    in all (default: `processes`; more with several pods), and the LoRA target modules (on the
     model built without weights)."""
     training = config.spec.training
     device = check_hardware(training.resolved_quantization_scheme, config.min_compute_capability)
-    check_workers(device, world_size)
-    ready = prepare(config, world_size)
+    check_workers(device, processes)
+    ready = prepare(config, world_size or processes)
     skeleton = empty_model(ready.model, config.spec, ready.model_config)
     if skeleton is not None:
         check_target_modules(skeleton, training.lora_target_modules)
@@ -171,7 +172,7 @@ def run(config: TrainerConfig) -> RunResult:
     training = config.spec.training
     scheme = training.resolved_quantization_scheme
     device = check_hardware(scheme, config.min_compute_capability)
-    mine = device.for_worker(worker.local_rank, worker.world_size)
+    mine = device.for_worker(worker.local_rank, worker.local_world_size)
     ready = prepare(config, worker.world_size)
     log.info("plan: %s", ready.plan.describe())
     limit_gpu_memory(mine, training.max_vram_fraction)

@@ -68,7 +68,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: [pods]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts]
+  resources: [configmaps, serviceaccounts, services]
   verbs: [get, list, watch, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
