@@ -18,18 +18,15 @@ from typing import Any
 import pytest
 
 from finetune_trainer import plan
-from gpusim import GPU_TYPES, FakeKubelet, create_gpu_node, delete_node
+from gpusim import GPU_TYPES, create_gpu_node, delete_node
 from integration.harness import (
     Cluster,
     Namespace,
-    Operator,
-    make_namespace,
-    remove_namespace,
     wait_for,
 )
-from integration.test_training_e2e import IMAGE, _server
+from integration.test_training_e2e import seed_volumes, trainer_cluster
 from podrunner import LocalRuntime
-from tinymodel import build_tiny_model, tiny_finetunejob, write_corpus
+from tinymodel import tiny_finetunejob
 
 pytestmark = [pytest.mark.integration, pytest.mark.training]
 
@@ -93,21 +90,8 @@ def pool(cluster: Cluster) -> Iterator[tuple[str, ...]]:
 def mn(
     cluster: Cluster, gpu_nodes: dict[str, str], pool: tuple[str, ...], tmp_path: Path
 ) -> Iterator[MultiNode]:
-    op = Operator(
-        cluster, tmp_path / "operator.log",
-        "--namespace", "e-*", "--trainer-image", IMAGE, "--progress-interval", "1",
-    ).start()  # fmt: skip
-    ns = make_namespace(cluster, tmp_path, prefix="e")
-    runtime_dir = tmp_path / "runtime"
-    runtime = LocalRuntime.for_trainer(cluster.core, _server(cluster), IMAGE, runtime_dir)
-    try:
-        with FakeKubelet(cluster.api, runner=runtime, namespaces=lambda n: n.startswith("e-")):
-            try:
-                yield MultiNode(ns, runtime, runtime_dir)
-            finally:
-                remove_namespace(ns)
-    finally:
-        op.stop()
+    with trainer_cluster(cluster, tmp_path) as (ns, _, runtime, runtime_dir):
+        yield MultiNode(ns, runtime, runtime_dir)
 
 
 def two_node_job(name: str) -> dict[str, Any]:
@@ -138,8 +122,7 @@ def test_two_pods_train_together_and_resume_after_one_is_killed(
     """Pod 1 killed: pod 0's agent restarts its worker and waits for pod 1's replacement. Pod 0
     killed (it hosts the rendezvous store): pod 1 fails too and both are replaced."""
     ns, core = mn.ns, mn.ns.cluster.core
-    build_tiny_model(ns.volumes["models"] / "tiny-llama")
-    write_corpus(ns.volumes["data"] / "corpus" / "train.jsonl", repeat=8)
+    seed_volumes(ns)
     assert ns.apply(two_node_job("duo")).returncode == 0
 
     # The headless Service gives the pods their stable names.

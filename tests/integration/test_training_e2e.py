@@ -14,6 +14,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +46,12 @@ class E2E:
     runtime_dir: Path
 
 
-@pytest.fixture
-def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator[E2E]:
+@contextmanager
+def trainer_cluster(
+    cluster: Cluster, tmp_path: Path
+) -> Iterator[tuple[Namespace, Operator, LocalRuntime, Path]]:
+    """The operator, a namespace and the stand-in kubelet running the real trainer's pods:
+    (namespace, operator, runtime, the runtime's log directory)."""
     op = Operator(
         cluster, tmp_path / "operator.log",
         "--namespace", "e-*", "--trainer-image", IMAGE, "--progress-interval", "1",
@@ -57,11 +62,17 @@ def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator
     try:
         with FakeKubelet(cluster.api, runner=runtime, namespaces=lambda n: n.startswith("e-")):
             try:
-                yield E2E(ns, op, runtime_dir)
+                yield ns, op, runtime, runtime_dir
             finally:
                 remove_namespace(ns)  # while the kubelet still completes pod deletions
     finally:
         op.stop()
+
+
+@pytest.fixture
+def e2e(cluster: Cluster, gpu_nodes: dict[str, str], tmp_path: Path) -> Iterator[E2E]:
+    with trainer_cluster(cluster, tmp_path) as (ns, op, _, runtime_dir):
+        yield E2E(ns, op, runtime_dir)
 
 
 def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
