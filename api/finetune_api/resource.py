@@ -495,6 +495,14 @@ class Result(StatusModel):
     final_loss: Annotated[float | None, Field(description="Last training loss.")] = None
     eval_loss: Annotated[float | None, Field(description="Last validation loss.")] = None
     duration_seconds: Annotated[float | None, Field(description="Training wall time.")] = None
+    resumed_from_step: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            description="The checkpoint step the successful attempt resumed from (after a "
+            "preemption, a deleted pod or a failure); unset when it trained from the start.",
+        ),
+    ] = None
 
 
 class FineTuneJobStatus(StatusModel):

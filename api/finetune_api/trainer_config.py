@@ -27,6 +27,9 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 EXIT_OK = 0
 EXIT_FAILED = 1  # a runtime failure; a retry may succeed (resumes from the last checkpoint)
 EXIT_INVALID_INPUT = 2  # bad spec, data, model or hardware: retrying cannot help
+# Stopped by SIGTERM (pod deleted, preempted, node drained) after saving a checkpoint: the Job's
+# pod failure policy ignores it, so the replacement resumes without using up a retry.
+EXIT_INTERRUPTED = 3
 
 # Environment variables the operator sets on the trainer container.
 ENV_JOB_NAME = "FINETUNE_JOB_NAME"

@@ -489,8 +489,10 @@ def build_job(
 
 
 def pod_failure_policy() -> V1PodFailurePolicy:
-    """Fail at once when the trainer says retrying cannot help; a disrupted pod (preemption,
-    eviction, node drain: the DisruptionTarget condition) is replaced without using a retry."""
+    """Fail at once when the trainer says retrying cannot help. A pod stopped from outside is
+    replaced without using a retry: a disrupted one (preemption, eviction, node drain: the
+    DisruptionTarget condition), and one whose trainer stopped on SIGTERM after saving a
+    checkpoint (a deleted pod gets no DisruptionTarget; the trainer's exit code says it)."""
     return V1PodFailurePolicy(
         rules=[
             V1PodFailurePolicyRule(
@@ -499,6 +501,14 @@ def pod_failure_policy() -> V1PodFailurePolicy:
                     container_name=TRAINER_CONTAINER,
                     operator="In",
                     values=[tc.EXIT_INVALID_INPUT],
+                ),
+            ),
+            V1PodFailurePolicyRule(
+                action="Ignore",
+                on_exit_codes=V1PodFailurePolicyOnExitCodesRequirement(
+                    container_name=TRAINER_CONTAINER,
+                    operator="In",
+                    values=[tc.EXIT_INTERRUPTED],
                 ),
             ),
             V1PodFailurePolicyRule(

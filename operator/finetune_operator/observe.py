@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from finetune_api.trainer_config import EXIT_INVALID_INPUT, TrainerOutcome
+from finetune_api.trainer_config import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, TrainerOutcome
 from finetune_operator.builders import ANNOTATION_SPEC_HASH
 
 # The Job controller's annotation on each pod of an Indexed Job (a multi-node job).
@@ -116,6 +116,11 @@ class PodView:
             return outcome.message
         line = last_line(self.termination_message)
         return line or f"trainer exited with code {self.exit_code}"
+
+    @property
+    def interrupted(self) -> bool:
+        """The trainer stopped on SIGTERM after saving a checkpoint (no retry is used)."""
+        return self.phase == "Failed" and self.exit_code == EXIT_INTERRUPTED
 
     @property
     def invalid_input(self) -> bool:

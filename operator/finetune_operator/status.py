@@ -438,6 +438,13 @@ def _on_node(
         status.start_time = status.start_time or pod.started_at or obs.now
         b.set(ConditionType.RUNNING, "True", "Training", f"training on {where}")
         return Phase.RUNNING, "Running", f"training on {where}"
+    if pod.interrupted:  # the Job's pod failure policy: no retry is used
+        message = (
+            f"training pod stopped on SIGTERM ({pod.failure_message}); a replacement resumes "
+            "from its checkpoint without using a retry"
+        )
+        b.set(ConditionType.RUNNING, "False", "Interrupted", message)
+        return Phase.PENDING, "Interrupted", message
     if pod.phase == "Failed":  # a retryable failure; the Job controller starts another pod
         message = f"attempt failed, retrying: {pod.failure_message}"
         b.set(ConditionType.RUNNING, "False", "Retrying", message)

@@ -141,6 +141,48 @@ def test_apply_train_and_watch_progress(e2e: E2E) -> None:
     assert complete["status"] == "True"
 
 
+def test_deleted_pod_checkpoints_and_the_replacement_resumes_without_a_retry(e2e: E2E) -> None:
+    """`kubectl delete pod` mid-run: the kubelet's SIGTERM makes the trainer save a checkpoint and
+    exit 3, which the Job's pod failure policy ignores (backoffLimit 0: a counted failure would
+    fail the job); the replacement pod resumes from that checkpoint and ends at the planned step."""
+    ns = e2e.ns
+    seed_volumes(ns)
+    training = {**TINY_QLORA, "num_input_records_to_sample": 480}
+    job = tiny_job("stopped", training)
+    job["spec"]["backoffLimit"] = 0
+    assert ns.apply(job).returncode == 0
+
+    def training_pod() -> Any:
+        step = ns.ftj("stopped").get("status", {}).get("progress", {}).get("step") or 0
+        running = [p for p in ns.pods("stopped") if p.status.phase == "Running"]
+        return running[0] if running and 10 <= step < 100 else None
+
+    first = wait_for(training_pod, timeout=300, interval=0.5, what="the trainer past step 10")
+    deleted = ns.cluster.kubectl("delete", "pod", first.metadata.name, "-n", ns.name)
+    assert deleted.returncode == 0, deleted.stderr
+
+    def interrupted() -> str | None:
+        message = str(ns.ftj("stopped").get("status", {}).get("message", ""))
+        return message if "stopped on SIGTERM" in message else None
+
+    seen = wait_for(interrupted, timeout=120, interval=0.2, what="the Interrupted status")
+    assert "without using a retry" in seen
+    wait_for(
+        lambda: ns.ftj("stopped").get("status", {}).get("phase") in ("Succeeded", "Failed"),
+        timeout=600,
+        interval=1,
+        what="the run to end",
+    )
+    status = ns.ftj("stopped")["status"]
+    assert status["phase"] == "Succeeded", status
+    (job_object,) = ns.jobs()
+    assert not job_object.status.failed, "the deletion used up a retry"
+    logs = "".join(path.read_text()[-2000:] for path in sorted(e2e.runtime_dir.glob("*.log")))
+    assert "resumedFromStep" in status["result"], f"{status}\n--- trainer logs ---\n{logs}"
+    resumed = status["result"]["resumedFromStep"]
+    assert 10 <= resumed < 120 and status["result"]["steps"] == 120
+
+
 def test_gpu_only_scheme_on_cpu_fails_with_the_trainers_line(e2e: E2E) -> None:
     ns = e2e.ns
     seed_volumes(ns)

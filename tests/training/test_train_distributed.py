@@ -334,7 +334,7 @@ def test_sigterm_stops_every_worker_at_the_same_checkpoint(
 ) -> None:
     """Preemption: the launcher gets SIGTERM (here: this process, which runs the launcher) and
     passes it on; the workers agree on the step to stop after, save that checkpoint together and
-    report one Interrupted outcome (exit 1: a retry resumes from it)."""
+    report one Interrupted outcome (exit 3: the replacement resumes from it, using no retry)."""
     steps = 1500  # batch 1 x 2 workers: long enough to be stopped halfway
     training = {
         "num_input_records_to_sample": 3000,
@@ -361,7 +361,7 @@ def test_sigterm_stops_every_worker_at_the_same_checkpoint(
     finally:
         done.set()
         watcher.join()
-    assert run.code == 1, run.stderr[-3000:]
+    assert run.code == 3, run.stderr[-3000:]
     match = re.fullmatch(
         rf"training stopped at step (\d+) of {steps}; a retry resumes from checkpoint-(\d+)",
         run.last_line,

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM makes the trainer checkpoint and exit 1 (retryable); the restarted trainer
+"""Preemption: SIGTERM makes the trainer checkpoint and exit 3 (interrupted: no retry used); the restarted trainer
 resumes from that checkpoint instead of starting over and ends at the planned step count.
 
 The trainer runs as a real process (the `finetune-trainer` console script), as in a pod."""
@@ -79,7 +79,7 @@ def test_sigterm_checkpoints_and_the_restart_resumes(tiny_model: TinyModel, tmp_
             checkpoint = output / "checkpoints" / f"checkpoint-{FIRST_CHECKPOINT}"
             wait_for(checkpoint / "trainer_state.json", first)
             first.send_signal(signal.SIGTERM)
-            assert first.wait(timeout=120) == 1, log1.read_text()[-3000:]
+            assert first.wait(timeout=120) == 3, log1.read_text()[-3000:]
         finally:
             if first.poll() is None:
                 first.kill()
@@ -119,6 +119,8 @@ def test_sigterm_checkpoints_and_the_restart_resumes(tiny_model: TinyModel, tmp_
     assert summary["resumed_from"] == f"checkpoint-{saved}"
     outcome = json.loads(termination.read_text())
     assert (outcome["outcome"], outcome["result"]["steps"]) == ("Succeeded", STEPS)
+    assert outcome["result"]["resumedFromStep"] == saved
+    assert outcome["message"].endswith(f", resumed from step {saved}")
 
 
 def test_sigterm_before_training_is_a_retryable_interruption(
@@ -144,7 +146,7 @@ def test_sigterm_before_training_is_a_retryable_interruption(
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             process.send_signal(signal.SIGTERM)  # while the dataset and model load
-            assert process.wait(timeout=120) == 1, log.read_text()[-3000:]
+            assert process.wait(timeout=120) == 3, log.read_text()[-3000:]
         finally:
             if process.poll() is None:
                 process.kill()

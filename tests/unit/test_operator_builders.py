@@ -165,10 +165,14 @@ def test_job_shape_and_owner() -> None:
 def test_job_uses_pod_failure_policy_and_waits_for_failed_pods() -> None:
     j = job_dict(spec())["spec"]
     assert j["podReplacementPolicy"] == "Failed"
-    fail, ignore = j["podFailurePolicy"]["rules"]
+    fail, stopped, ignore = j["podFailurePolicy"]["rules"]
     assert fail == {
         "action": "FailJob",
         "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2]},
+    }
+    assert stopped == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]},
     }
     assert ignore == {
         "action": "Ignore",

@@ -181,6 +181,28 @@ def test_retryable_failure_waits_for_the_next_attempt() -> None:
     assert conditions(status)["Running"] == ("False", "Retrying")
 
 
+def test_a_pod_stopped_on_sigterm_waits_for_its_replacement_without_a_retry() -> None:
+    """Exit 3: the trainer saved a checkpoint on SIGTERM (a deleted pod gets no DisruptionTarget);
+    the Job's pod failure policy ignores it, and the status says so."""
+    message = json.dumps(
+        {
+            "outcome": "Failed",
+            "reason": "Interrupted",
+            "message": "training stopped at step 40 of 300; a retry resumes from checkpoint-40",
+        }
+    )
+    stopped = pod("Failed", "n", exit_code=3, termination_message=message)
+    status, _ = derive(FineTuneJobStatus(phase="Running"), obs(pods=(stopped,)))
+    assert status.phase == "Pending"
+    assert conditions(status)["Running"] == ("False", "Interrupted")
+    assert "stopped at step 40 of 300" in status.message
+    assert "without using a retry" in status.message
+    # Another failure with the same termination reason but a killed process is a retry.
+    killed = pod("Failed", "n", exit_code=137, termination_message=message)
+    status, _ = derive(FineTuneJobStatus(phase="Running"), obs(pods=(killed,)))
+    assert conditions(status)["Running"] == ("False", "Retrying")
+
+
 def test_deadline_exceeded() -> None:
     job = JobView(
         "j",

@@ -223,13 +223,13 @@ def test_a_worker_that_died_without_a_word() -> None:
 
 def test_a_signalled_launcher_without_worker_outcomes_is_an_interruption() -> None:
     outcome, code = conclude({}, LaunchResult(signal="SIGTERM"), 2)
-    assert (outcome.outcome, outcome.reason, code) == ("Failed", "Interrupted", 1)
+    assert (outcome.outcome, outcome.reason, code) == ("Failed", "Interrupted", 3)
     assert outcome.message.startswith("interrupted by SIGTERM before the workers reported")
     # When they did report (they checkpointed and stopped), theirs is the outcome.
     stopped = failed("training stopped at step 7 of 10; a retry resumes from checkpoint-7")
     stopped = stopped.model_copy(update={"reason": "Interrupted"})
-    outcomes = {r: WorkerOutcome(r, stopped, 1, 1.0 + r) for r in (0, 1)}
-    assert conclude(outcomes, LaunchResult(signal="SIGTERM"), 2) == (stopped, 1)
+    outcomes = {r: WorkerOutcome(r, stopped, 3, 1.0 + r) for r in (0, 1)}
+    assert conclude(outcomes, LaunchResult(signal="SIGTERM"), 2) == (stopped, 3)
 
 
 def test_a_pod_without_rank_0_reports_its_lowest_ranks_outcome() -> None:

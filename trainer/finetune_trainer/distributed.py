@@ -73,6 +73,7 @@ from finetune_api.trainer_config import (
     ENV_RDZV_ID,
     ENV_SUBDOMAIN,
     EXIT_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     TrainerOutcome,
 )
@@ -351,7 +352,8 @@ def conclude(
             f"interrupted by {launch.signal} before the workers reported; a retry resumes from "
             "the last checkpoint, if any"
         )
-        return TrainerOutcome(outcome="Failed", reason="Interrupted", message=message), EXIT_FAILED
+        outcome = TrainerOutcome(outcome="Failed", reason="Interrupted", message=message)
+        return outcome, EXIT_INTERRUPTED
     if launch.exit_codes:
         rank = min(launch.exit_codes)
         message = (

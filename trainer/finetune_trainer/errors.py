@@ -2,12 +2,13 @@
 
 An `InvalidInputError` is a problem with the spec, the data, the model or the hardware: retrying cannot
 help, so it exits with EXIT_INVALID_INPUT and the operator does not retry. Everything else is a
-runtime failure (EXIT_FAILED) that a retry may fix; a retry resumes from the last checkpoint.
+runtime failure (EXIT_FAILED) that a retry may fix; a retry resumes from the last checkpoint. A stop
+on SIGTERM exits with EXIT_INTERRUPTED: not a failure of the run, so it uses up no retry.
 """
 
 from __future__ import annotations
 
-from finetune_api.trainer_config import EXIT_FAILED, EXIT_INVALID_INPUT
+from finetune_api.trainer_config import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_INVALID_INPUT
 
 
 class TrainerError(Exception):
@@ -32,8 +33,10 @@ class InvalidInputError(TrainerError):
 
 
 class TrainingInterruptedError(TrainerError):
-    """Training stopped early (SIGTERM) after saving a checkpoint; a retry resumes from it."""
+    """Training stopped early (SIGTERM) after saving a checkpoint; the replacement pod resumes from
+    it, and the Job's pod failure policy does not count it as a failed attempt."""
 
+    exit_code = EXIT_INTERRUPTED
     reason = "Interrupted"
 
 

@@ -114,11 +114,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainerOutcome(
             outcome="Succeeded",
             reason="Completed",
-            message=f"trained {result.steps} steps on {result.records_seen} records",
+            message=success_message(result),
             result=result,
         ),
         EXIT_OK,
     )
+
+
+def success_message(result: Result) -> str:
+    resumed = result.resumed_from_step
+    after = f", resumed from step {resumed}" if resumed is not None else ""
+    return f"trained {result.steps} steps on {result.records_seen} records{after}"
 
 
 def train(config: TrainerConfig) -> Result:
@@ -133,6 +139,7 @@ def train(config: TrainerConfig) -> Result:
         final_loss=outcome.final_loss,
         eval_loss=outcome.eval_loss,
         duration_seconds=outcome.duration_seconds,
+        resumed_from_step=outcome.resumed_from_step,
     )
 
 

@@ -182,6 +182,8 @@ def run(config: TrainerConfig) -> RunResult:
     model, adapter = apply_peft(base, training)
     trainer = get_trainer(config, ready, model, mine, worker)
     resume = resume_point(trainer, config, ready, worker)
+    # Read now: the checkpoint may be rotated away (save_total_limit) before training ends.
+    resumed_from = checkpoints.checkpoint_step(Path(resume)) if resume else None
     if resume is not None:
         log.info("resuming from %s", resume)
     with checkpoints.without_model_card(model):
@@ -202,6 +204,7 @@ def run(config: TrainerConfig) -> RunResult:
         final_loss=last_logged(history, "loss"),
         eval_loss=last_logged(history, "eval_loss"),
         duration_seconds=round(time.monotonic() - started, 3),
+        resumed_from_step=resumed_from,
     )
     if worker.is_main:
         facts = {**loaded, "peft": adapter, "device": device, "resumed_from": resume}

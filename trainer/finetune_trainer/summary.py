@@ -28,6 +28,7 @@ class RunResult:
     final_loss: float | None
     eval_loss: float | None
     duration_seconds: float
+    resumed_from_step: int | None = None  # the checkpoint this attempt started from
 
 
 def loaded_facts(model: Any) -> dict[str, Any]:
