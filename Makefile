@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup demo test test-unit test-integration test-training test-oldest verify lint \
-	typecheck crds crds-check chart-lint cluster-up cluster-down bench bench-operator bench-trainer
+.PHONY: help setup demo test test-unit test-integration test-training test-oldest test-e2e images \
+	verify lint typecheck crds crds-check chart-lint cluster-up cluster-down bench bench-operator \
+	bench-trainer
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
 # (hack/kube-versions.sh). `make test KUBE_VERSION=1.34.4` runs against the oldest we support.
@@ -23,7 +24,7 @@ setup: ## Install Debian packages, .venv, kubectl/helm and the control-plane bin
 demo: setup ## Local demo: control plane, simulated GPU nodes, the operator, one job per scheme
 	$(PY) hack/demo.py
 
-test: setup ## Every tier: unit, integration (local control plane), training (tiny models on CPU)
+test: setup ## Unit, integration (local control plane), training (tiny models on CPU); not e2e
 	$(PY) -m pytest
 
 test-unit: setup ## Fast unit tests only
@@ -34,6 +35,14 @@ test-integration: setup ## Tests on the local control plane
 
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
+
+# Both images with buildah (root): the first build downloads torch and takes many minutes, an
+# unchanged rebuild seconds. Archives in ~/.cache/finetune-operator/images; JSON on the last line.
+images: ## Build both images of the Dockerfile with buildah, export them for `ctr images import`
+	hack/images.sh
+
+test-e2e: setup images ## Checks on the built images (marker e2e; not part of `make test`)
+	$(PY) -m pytest -m e2e
 
 # The CRD, placement (device plugin and DRA) and lifecycle tests on the oldest supported Kubernetes.
 OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_lifecycle.py \

@@ -50,29 +50,29 @@ class Instruction:
 
 @dataclass
 class Stage:
-    base: str
+    base: str  # the FROM image with the global ARG defaults substituted
     name: str
     instructions: list[Instruction] = field(default_factory=list)
+    written_base: str = ""  # the FROM image as written (e.g. ${OPERATOR_BASE})
 
     def each(self, keyword: str) -> list[Instruction]:
         return [i for i in self.instructions if i.keyword == keyword]
 
     def args(self) -> dict[str, str]:
-        """ARG defaults declared in this stage."""
+        """ARG defaults declared in this stage; an ARG without one takes the global default."""
         found = {}
         for instruction in self.each("ARG"):
-            name, _, default = instruction.args.partition("=")
-            found[name.strip()] = default.strip().strip("\"'")
+            name, equals, default = instruction.args.partition("=")
+            name = name.strip()
+            if equals:
+                found[name] = default.strip().strip("\"'")
+            elif name in GLOBAL_ARGS:
+                found[name] = GLOBAL_ARGS[name]
         return found
 
     def expand(self, text: str) -> str:
         """Substitute this stage's ARG defaults for ${NAME} and $NAME."""
-        defaults = self.args()
-        return re.sub(
-            r"\$\{(\w+)\}|\$(\w+)",
-            lambda m: defaults.get(m.group(1) or m.group(2), m.group(0)),
-            text,
-        )
+        return substitute(text, self.args())
 
     def env(self) -> dict[str, str]:
         values = {}
@@ -123,7 +123,17 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return lines
 
 
-def parse_stages(text: str) -> list[Stage]:
+def substitute(text: str, values: dict[str, str]) -> str:
+    return re.sub(
+        r"\$\{(\w+)\}|\$(\w+)",
+        lambda m: values.get(m.group(1) or m.group(2), m.group(0)),
+        text,
+    )
+
+
+def parse_stages(text: str) -> tuple[dict[str, str], list[Stage]]:
+    """The global ARG defaults (before the first FROM) and the stages."""
+    global_args: dict[str, str] = {}
     stages: list[Stage] = []
     for number, line in logical_lines(text):
         keyword, _, args = line.partition(" ")
@@ -131,15 +141,18 @@ def parse_stages(text: str) -> list[Stage]:
         if keyword == "FROM":
             words = [w for w in args.split() if not w.startswith("--")]
             name = words[2] if len(words) == 3 and words[1].upper() == "AS" else str(len(stages))
-            stages.append(Stage(base=words[0], name=name))
+            base = substitute(words[0], global_args)
+            stages.append(Stage(base=base, name=name, written_base=words[0]))
         elif stages:
             stages[-1].instructions.append(Instruction(keyword, args.strip(), number))
         else:
             assert keyword == "ARG", f"line {number}: {keyword} before the first FROM"
-    return stages
+            name, _, default = args.partition("=")
+            global_args[name.strip()] = default.strip().strip("\"'")
+    return global_args, stages
 
 
-STAGES = parse_stages(DOCKERFILE.read_text())
+GLOBAL_ARGS, STAGES = parse_stages(DOCKERFILE.read_text())
 BY_NAME = {stage.name: stage for stage in STAGES}
 
 
@@ -301,10 +314,17 @@ def test_build_tool_pattern_catches_common_spellings() -> None:
 
 
 def test_base_images_are_pinned_to_exact_versions() -> None:
+    """Each base is a global build argument (a build without a registry passes a local one)
+    whose default is the production image, fully qualified and pinned."""
     for stage in STAGES:
         if stage.base in BY_NAME:
             continue
-        assert "$" not in stage.base, f"{stage.name}: base image from a build argument"
+        written = re.fullmatch(r"\$\{(\w+)\}", stage.written_base)
+        assert written and written.group(1) in GLOBAL_ARGS, (
+            f"{stage.name}: FROM {stage.written_base} is neither a stage nor a global ARG"
+        )
+        assert "$" not in stage.base, f"{stage.name}: {stage.base} has no default"
+        assert stage.base.startswith("docker.io/"), f"{stage.name}: name the registry"
         image, _, digest = stage.base.partition("@")
         assert ":" in image, f"{stage.name}: {stage.base} has no tag"
         tag = image.rsplit(":", 1)[1]
@@ -405,8 +425,32 @@ def test_trainer_gets_cuda_torch_pinned_from_the_cuda_index() -> None:
     later = [line for line in lines[lines.index(install) + 1 :] if "pip install" in line]
     assert later and all("-c /opt/torch-constraint.txt" in line for line in later)
     assert any(re.search(r"'\./?\[trainer\]'", line) for line in later)
-    assert BY_NAME["trainer"].base.startswith("nvidia/cuda:")
+    assert BY_NAME["trainer"].base.startswith("docker.io/nvidia/cuda:")
     assert "-runtime-" in BY_NAME["trainer"].base
+
+
+def test_both_trainer_stages_use_one_interpreter() -> None:
+    """The venv's interpreter (built in trainer-builder) must exist in the final stage: both
+    install the same TRAINER_PYTHON, Ubuntu 24.04's python3.12 by default."""
+    assert GLOBAL_ARGS["TRAINER_PYTHON"] == "python3.12"
+    builder, final = BY_NAME["trainer-builder"], BY_NAME["trainer"]
+    assert builder.base == final.base
+    built = " ".join(builder.expand(run.args) for run in builder.each("RUN"))
+    assert re.search(r"apt-get install .*\"?python3\.12\"? \"?python3\.12-venv\"?", built)
+    assert '"python3.12" -m venv /opt/venv' in built
+    shipped = " ".join(final.expand(run.args) for run in final.each("RUN"))
+    assert re.search(r"apt-get install .*\"?python3\.12\"? ", shipped)
+
+
+def test_labels_come_after_the_layers() -> None:
+    """REVISION changes with every commit: labels last keep every layer above them cached."""
+    for target in ("operator", "trainer"):
+        instructions = BY_NAME[target].instructions
+        label = next(i for i, ins in enumerate(instructions) if ins.keyword == "LABEL")
+        assert all(
+            ins.keyword in {"ARG", "USER", "ENTRYPOINT"} for ins in instructions[label + 1 :]
+        )
+        assert all(ins.keyword not in {"RUN", "COPY"} for ins in instructions[label:])
 
 
 @pytest.mark.parametrize("builder", ["operator-builder", "trainer-builder"])
