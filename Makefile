@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup demo test test-unit test-integration test-training test-oldest verify lint \
+.PHONY: help setup demo test test-unit test-integration test-node test-training test-oldest verify lint \
 	typecheck crds crds-check chart-lint cluster-up cluster-down bench bench-operator bench-trainer
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
@@ -29,8 +29,12 @@ test: setup ## Every tier: unit, integration (local control plane), training (ti
 test-unit: setup ## Fast unit tests only
 	$(PY) -m pytest -m "not integration and not training"
 
-test-integration: setup ## Tests on the local control plane
-	$(PY) -m pytest -m integration
+test-integration: setup ## Tests on the local control plane (the real-node tier apart)
+	$(PY) -m pytest -m "integration and not node"
+
+test-node: setup ## A real kubelet with containerd on this machine (root): tests/node
+	hack/node-binaries.sh >/dev/null
+	$(PY) -m pytest -m node
 
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training

@@ -2,6 +2,7 @@
 // program without a shell, packaged as an image like the pause image.
 //
 //	kubeprobe print TEXT...      print TEXT and exit 0
+//	kubeprobe env NAME...        print NAME=value of each environment variable
 //	kubeprobe whoami             ask the API server who this pod is (SelfSubjectReview) through
 //	                             the `kubernetes` Service, with the ServiceAccount token and CA
 //	kubeprobe wait               print "waiting", then on SIGTERM write "got SIGTERM" to the
@@ -102,13 +103,17 @@ func exitCode(arg string) int {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|whoami|wait|fail|message ...")
+		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|whoami|wait|fail|message ...")
 		os.Exit(64)
 	}
 	args := os.Args[2:]
 	switch os.Args[1] {
 	case "print":
 		fmt.Println(strings.Join(args, " "))
+	case "env":
+		for _, name := range args {
+			fmt.Printf("%s=%s\n", name, os.Getenv(name))
+		}
 	case "whoami":
 		if err := whoami(); err != nil {
 			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
