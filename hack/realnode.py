@@ -1,6 +1,6 @@
 """A real Kubernetes node on this machine, beside the local control plane (hack/localcluster.py).
 
-containerd 2.x (config v3, cgroupfs, runc from Debian), a CNI bridge (10.244.0.0/24, masquerade),
+containerd 2.x (config v3, cgroupfs, runc built from its Go module), a CNI bridge (10.244.0.0/24, masquerade),
 the kubelet (cgroup v1 allowed: `failCgroupV1: false`), kube-proxy (iptables mode), and a device
 plugin that advertises `nvidia.com/gpu`; the node carries GPU Feature Discovery's labels of one
 GPU model (hack/gpusim.py) and its taint. The pause image and the test image are built here
@@ -77,7 +77,9 @@ class RealNode:
     gpu: str = "a100"
     gpus: int = 1
     ip: str = ""
+    runc: Path | None = None  # default: the runc node-binaries.sh builds
     _pids: dict[str, int] = field(default_factory=dict)
+    _argv: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
@@ -126,7 +128,7 @@ class RealNode:
                          chains=nodeclean.chains())  # fmt: skip
         nodeclean.write_sysctls(dict.fromkeys(SYSCTLS, "1"))
         self._write_cni()
-        self._start_containerd(ctrd, runc)
+        self._start_containerd(ctrd, self.runc or runc / "runc")
         self._import_images(ctrd, helpers)
         self._start_kubelet(kube)
         self._spawn("gpu-device-plugin", [
@@ -144,7 +146,14 @@ class RealNode:
             start_new_session=True,
         )  # fmt: skip
         self._pids[name] = proc.pid
+        self._argv[name] = argv
         self._save_state(pids=self._pids)
+
+    def restart(self, name: str) -> None:
+        """Stop one of the node's processes (SIGTERM) and start it again with the same
+        arguments, as a service manager restarts a kubelet."""
+        nodeclean.terminate(self._pids[name])
+        self._spawn(name, self._argv[name])
 
     def _save_state(self, **values: object) -> None:
         path = self.root / "state.json"
@@ -169,11 +178,11 @@ class RealNode:
         }  # fmt: skip
         (conf / "10-finetune-node.conflist").write_text(json.dumps(network, indent=1))
 
-    def _start_containerd(self, ctrd: Path, runc_dir: Path) -> None:
+    def _start_containerd(self, ctrd: Path, runc: Path) -> None:
         base = self.root / "containerd"
         base.mkdir(parents=True, exist_ok=True)
         cri_runtime = "plugins.'io.containerd.cri.v1.runtime'"
-        runc = f"{cri_runtime}.containerd.runtimes.runc"
+        runc_table = f"{cri_runtime}.containerd.runtimes.runc"
         (base / "config.toml").write_text(f"""version = 3
 root = '{base}/root'
 state = '{base}/state'
@@ -197,10 +206,10 @@ state = '{base}/state'
   restrict_oom_score_adj = true
   [{cri_runtime}.containerd]
     default_runtime_name = 'runc'
-  [{runc}]
+  [{runc_table}]
     runtime_type = 'io.containerd.runc.v2'
-  [{runc}.options]
-    BinaryName = '{runc_dir / "runc"}'
+  [{runc_table}.options]
+    BinaryName = '{runc}'
     Root = '{self.root}/runc'
     SystemdCgroup = false
   [{cri_runtime}.cni]

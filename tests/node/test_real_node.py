@@ -246,6 +246,33 @@ def test_operator_gpu_pod_shape_schedules_and_gets_the_device(
     assert logs == "NVIDIA_VISIBLE_DEVICES=GPU-finetune-0\n"
 
 
+def test_device_plugin_registers_again_after_kubelet_restart(
+    node_cluster: Cluster, node: RealNode, ns: str
+) -> None:
+    plugin_log = node.root / "logs" / "gpu-device-plugin.log"
+    registrations = plugin_log.read_text().count("registered nvidia.com/gpu")
+    node.restart("kubelet")
+    wait_for(
+        lambda: plugin_log.read_text().count("registered nvidia.com/gpu") > registrations,
+        timeout=90,
+        what="the device plugin registering with the restarted kubelet",
+        describe=lambda: plugin_log.read_text()[-2000:],
+    )
+
+    def gpu_ready() -> bool:
+        got = node_cluster.core.read_node(node.name)
+        ready = {c.type: c.status for c in got.status.conditions}["Ready"] == "True"
+        return ready and got.status.allocatable.get("nvidia.com/gpu") == "1"
+
+    wait_for(gpu_ready, timeout=90, what="node Ready with nvidia.com/gpu 1 after the restart")
+    body = probe_pod("after-restart", ["env", "NVIDIA_VISIBLE_DEVICES"],
+                     resources={"limits": {"nvidia.com/gpu": "1"}})  # fmt: skip
+    pod = run_pod(node_cluster, ns, body)
+    assert pod.status.phase == "Succeeded"
+    logs = node_cluster.kubectl("logs", "after-restart", "-n", ns).stdout
+    assert logs == "NVIDIA_VISIBLE_DEVICES=GPU-finetune-0\n"
+
+
 def test_teardown_leaves_nothing(node: RealNode, before: dict[str, Any]) -> None:
     state_pids = dict(node._pids)
     root = node.root
