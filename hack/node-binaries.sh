@@ -13,8 +13,10 @@
 #   once per source version into ~/.cache/finetune-operator/nodeimages-<digest>.
 # - runc ($RUNC_VERSION) from its Go module github.com/opencontainers/runc, with cgo and the
 #   `seccomp` tag (linked to Debian's libseccomp: the RuntimeDefault profile needs it), into
-#   ~/.cache/finetune-operator/runc-vX.Y.Z. Not Debian's runc 1.1.5: on this kernel (6.18) it
-#   fails every sandbox with "can't get final child's PID from pipe: EOF".
+#   ~/.cache/finetune-operator/runc-vX.Y.Z: the release line containerd's own CI runs
+#   (script/setup/runc-version says v1.5.2 for containerd v2.4.2). Debian 12's runc 1.1.5 runs
+#   the same pods (checked once by hand) but is four minors older and reports a failing
+#   `runc init` only as "can't get final child's PID from pipe: EOF", without the cause.
 # - Debian packages: containernetworking-plugins (/usr/lib/cni: bridge, host-local, loopback,
 #   portmap), iptables (kube-proxy's iptables mode and the bridge plugin's masquerade rule),
 #   conntrack (kube-proxy clears stale UDP entries with it), libseccomp-dev and pkg-config (runc).

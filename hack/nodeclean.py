@@ -190,12 +190,20 @@ def remove_pod_log_links(root: Path) -> None:
                 link.unlink()
 
 
-def remove_device_plugin_dir(directory: Path, *, existed: bool) -> None:
-    """The kubelet's device-plugin sockets and checkpoint live in /var/lib/kubelet/device-plugins
-    whatever its --root-dir: remove /var/lib/kubelet if the node made it, else those files."""
-    if not existed:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(directory.parent)], check=False)
-        return
+def remove_device_plugin_files(directory: Path) -> None:
+    """The kubelet's device-plugin sockets and checkpoint (in /var/lib/kubelet/device-plugins
+    whatever its --root-dir)."""
     for name in ("kubelet.sock", "finetune-gpu.sock", "kubelet_internal_checkpoint"):
         with contextlib.suppress(OSError):
             (directory / name).unlink()
+
+
+def remove_created_dirs(existed: dict[str, bool]) -> None:
+    """Remove each directory that did not exist before, if nothing but empty directories is
+    left in it (what others put there stays)."""
+    for name, was_there in existed.items():
+        if was_there or not Path(name).is_dir():
+            continue
+        for root, _, _ in sorted(os.walk(name), key=lambda w: len(w[0]), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(root)

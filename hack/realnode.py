@@ -42,6 +42,9 @@ NETWORK = "finetune-node"  # the CNI network's name: its iptables rules carry it
 BRIDGE = "ftnode0"
 POD_CIDR = "10.244.0.0/24"
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # the kubelet's, whatever --root-dir
+# Host paths the node writes to whatever its settings: the kubelet's device-plugin directory, its
+# links to container logs, containerd's shim sockets. Removed at stop when the node made them.
+HOST_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd")
 CNI_BIN = "/usr/lib/cni"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 SYSCTLS = ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables")
@@ -53,6 +56,17 @@ def default_address() -> str:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(("192.0.2.254", 9))
         return str(sock.getsockname()[0])
+
+
+def can_lower_oom_score_adj() -> bool:
+    """Whether this process holds CAP_SYS_RESOURCE. Without it (this Firecracker VM's root) runc
+    cannot give a sandbox the kubelet's negative oom_score_adj ("failed to update
+    /proc/self/oom_score_adj: Permission denied"), so containerd must keep the containers' at or
+    above its own (`restrict_oom_score_adj`)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
 
 
 def find_node_binaries() -> tuple[Path, Path, Path, Path]:
@@ -123,7 +137,7 @@ class RealNode:
         kube, ctrd, runc, helpers = find_node_binaries()
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self._save_state(kube=str(kube), containerd=str(ctrd),
-                         var_lib_kubelet=DEVICE_PLUGINS.parent.exists(), sysctls=nodeclean.read_sysctls(SYSCTLS),
+                         host_dirs={d: Path(d).exists() for d in HOST_DIRS}, sysctls=nodeclean.read_sysctls(SYSCTLS),
                          netns=sorted(nodeclean.netns_names()),
                          chains=nodeclean.chains())  # fmt: skip
         nodeclean.write_sysctls(dict.fromkeys(SYSCTLS, "1"))
@@ -201,9 +215,7 @@ state = '{base}/state'
   [plugins.'io.containerd.cri.v1.images'.pinned_images]
     sandbox = '{PAUSE_IMAGE}'
 [{cri_runtime}]
-  # The machine's processes may not lower an oom_score_adj (runc: "failed to update
-  # /proc/self/oom_score_adj: Permission denied"): keep the containers' at or above containerd's.
-  restrict_oom_score_adj = true
+  restrict_oom_score_adj = {str(not can_lower_oom_score_adj()).lower()}
   [{cri_runtime}.containerd]
     default_runtime_name = 'runc'
   [{runc_table}]
@@ -283,7 +295,7 @@ state = '{base}/state'
             },
             "authorization": {"mode": "Webhook"},
             "registerWithTaints": [GPU_TAINT],
-            "podLogsDirectory": str(self.root / "pod-logs"),
+            "podLogsDir": str(self.root / "pod-logs"),
             "resolvConf": "/etc/resolv.conf",
             "clusterDomain": "cluster.local",
             # The machine's disk is shared and fairly full: evict only when nearly out of room.
@@ -390,9 +402,8 @@ state = '{base}/state'
         nodeclean.remove_link(BRIDGE)
         nodeclean.remove_pod_log_links(self.root)
         nodeclean.write_sysctls(state.get("sysctls", {}))
-        nodeclean.remove_device_plugin_dir(
-            DEVICE_PLUGINS, existed=state.get("var_lib_kubelet", True)
-        )
+        nodeclean.remove_device_plugin_files(DEVICE_PLUGINS)
+        nodeclean.remove_created_dirs(state.get("host_dirs", {}))
         with contextlib.suppress(client.ApiException, Exception):
             self.api().delete_node(self.name)
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.root)], check=False)

@@ -20,7 +20,7 @@ from typing import Any
 import nodeclean
 import pytest
 from kubernetes import client, watch
-from realnode import BRIDGE, PROBE_IMAGE, SYSCTLS, RealNode, default_address
+from realnode import BRIDGE, HOST_DIRS, PROBE_IMAGE, SYSCTLS, RealNode, default_address
 
 from finetune_api.resource import FineTuneJobSpec
 from finetune_operator import builders
@@ -44,7 +44,11 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def before() -> dict[str, Any]:
     """What the host looked like before the node started (the teardown test compares)."""
-    return {"chains": nodeclean.chains(), "sysctls": nodeclean.read_sysctls(SYSCTLS)}
+    return {
+        "chains": nodeclean.chains(),
+        "sysctls": nodeclean.read_sysctls(SYSCTLS),
+        "host_dirs": {d: Path(d).exists() for d in HOST_DIRS},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -296,3 +300,7 @@ def test_teardown_leaves_nothing(node: RealNode, before: dict[str, Any]) -> None
     assert link.returncode != 0, "the bridge is still there"
     assert nodeclean.chains() == before["chains"]
     assert nodeclean.read_sysctls(SYSCTLS) == before["sysctls"]
+    assert {d: Path(d).exists() for d in HOST_DIRS} == before["host_dirs"]
+    logs = Path("/var/log/containers")
+    links = [os.readlink(p) for p in logs.iterdir() if p.is_symlink()] if logs.is_dir() else []
+    assert not [link for link in links if link.startswith(str(root))]
