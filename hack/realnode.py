@@ -12,6 +12,11 @@ The control plane must run with `node_address` (`localcluster.py up --node-addre
 
     python hack/realnode.py up [CLUSTER_DIR] [NODE_DIR]    # default .cluster and .cluster-node
     python hack/realnode.py down [CLUSTER_DIR] [NODE_DIR]
+    python hack/realnode.py import ARCHIVE [CLUSTER_DIR] [NODE_DIR]   # an OCI/docker archive
+
+`make node-up` starts both (the control plane on this machine's address), `make node-down` stops
+both. Images reach the node only by `import` (`ctr -n k8s.io images import`): pods use
+`imagePullPolicy: IfNotPresent` or `Never`.
 """
 
 from __future__ import annotations
@@ -251,6 +256,12 @@ state = '{base}/state'
             raise ClusterError(f"{' '.join(argv)}: {result.stderr.strip()}")
         return result
 
+    def import_image(self, archive: Path) -> str:
+        """Import an image archive (OCI layout or `docker save` tar) into the kubelet's
+        containerd namespace; returns ctr's report."""
+        state = json.loads((self.root / "state.json").read_text())
+        return self._ctr(Path(state["containerd"]), "images", "import", str(archive)).stdout
+
     def _import_images(self, ctrd: Path, helpers: Path) -> None:
         images = self.root / "images"
         images.mkdir(exist_ok=True)
@@ -424,13 +435,18 @@ state = '{base}/state'
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("up", "down"):
+    if not argv or argv[0] not in ("up", "down", "import") or argv == ["import"]:
         print(__doc__, file=sys.stderr)
         return 2
+    archive = None
+    if argv[0] == "import":
+        archive = Path(argv.pop(1)).resolve()
     cluster = LocalCluster(Path(argv[1]).resolve() if len(argv) > 1 else DEFAULT_DIR)
     root = Path(argv[2]) if len(argv) > 2 else cluster.root.parent / ".cluster-node"
     node = RealNode(cluster, root)
-    if argv[0] == "up":
+    if archive is not None:
+        print(node.import_image(archive), end="")
+    elif argv[0] == "up":
         node.start()
         print(f"node {node.name} Ready on {node.ip}; containerd at {node.containerd_socket}")
     else:
