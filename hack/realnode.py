@@ -247,6 +247,11 @@ state = '{base}/state'
             time.sleep(0.5)
         raise ClusterError(f"containerd did not answer; see {self.root}/logs/containerd.log")
 
+    def ctr(self, *args: str) -> str:
+        """Run `ctr` against the node's containerd in the kubelet's namespace (k8s.io)."""
+        state = json.loads((self.root / "state.json").read_text())
+        return self._ctr(Path(state["containerd"]), *args).stdout
+
     def _ctr(
         self, ctrd: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
@@ -259,8 +264,7 @@ state = '{base}/state'
     def import_image(self, archive: Path) -> str:
         """Import an image archive (OCI layout or `docker save` tar) into the kubelet's
         containerd namespace; returns ctr's report."""
-        state = json.loads((self.root / "state.json").read_text())
-        return self._ctr(Path(state["containerd"]), "images", "import", str(archive)).stdout
+        return self.ctr("images", "import", str(archive))
 
     def _import_images(self, ctrd: Path, helpers: Path) -> None:
         images = self.root / "images"

@@ -20,7 +20,7 @@ from typing import Any
 import nodeclean
 import pytest
 from kubernetes import client, watch
-from realnode import BRIDGE, HOST_DIRS, PROBE_IMAGE, SYSCTLS, RealNode, default_address
+from realnode import BRIDGE, HOST_DIRS, PAUSE_IMAGE, PROBE_IMAGE, SYSCTLS, RealNode, default_address
 
 from finetune_api.resource import FineTuneJobSpec
 from finetune_operator import builders
@@ -189,8 +189,12 @@ def test_termination_message_falls_back_to_logs(node_cluster: Cluster, ns: str) 
     assert terminated(pod).message == "last words\n"
 
 
-def test_graceful_delete_sends_sigterm(node_cluster: Cluster, ns: str) -> None:
+def test_graceful_delete_sends_sigterm(node_cluster: Cluster, node: RealNode, ns: str) -> None:
     pod = run_pod(node_cluster, ns, probe_pod("waiter", ["wait"]), phase="Running")
+    # containerd runs the pod's sandbox from the pause image built here, beside the probe.
+    images = [line.split()[1] for line in node.ctr("containers", "ls").splitlines()[1:]]
+    assert PAUSE_IMAGE in images
+    assert PROBE_IMAGE in images
     wait_for(
         lambda: "waiting" in node_cluster.kubectl("logs", "waiter", "-n", ns).stdout,
         what="the probe waiting for a signal",
