@@ -50,6 +50,9 @@ DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # the kubelet's, whate
 # Host paths the node writes to whatever its settings: the kubelet's device-plugin directory, its
 # links to container logs, containerd's shim sockets. Removed at stop when the node made them.
 HOST_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd")
+# One real node per machine: the kubepods cgroups, the device-plugin directory and kube-proxy's
+# chains are machine-wide. The file names the node directory that owns the machine.
+OWNER = Path("/run/finetune-realnode.owner")
 CNI_BIN = "/usr/lib/cni"
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 SYSCTLS = ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables")
@@ -120,11 +123,7 @@ class RealNode:
         return self.root / "kubelet"
 
     def __enter__(self) -> RealNode:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -135,10 +134,20 @@ class RealNode:
     # -- start ---------------------------------------------------------------------------------
 
     def start(self, timeout: float = 180.0) -> RealNode:
+        """Start the node and wait until it is Ready with its GPUs; undo everything on failure."""
         if os.geteuid() != 0:
             raise ClusterError("a real node needs root (containerd, runc, iptables, mounts)")
         if (self.root / "state.json").exists():
             raise ClusterError(f"a node already runs from {self.root}; run 'down' first")
+        self._claim_machine()
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         kube, ctrd, runc, helpers = find_node_binaries()
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self._save_state(kube=str(kube), containerd=str(ctrd),
@@ -156,7 +165,23 @@ class RealNode:
         ])  # fmt: skip
         self._start_kube_proxy(kube)
         self._wait_ready(timeout)
-        return self
+
+    def _claim_machine(self) -> None:
+        try:
+            fd = os.open(OWNER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            other = Path(OWNER.read_text().strip())
+            if (other / "state.json").exists():
+                raise ClusterError(
+                    f"a real node already runs on this machine from {other} (the kubelet's "
+                    f"cgroups and kube-proxy's chains are machine-wide); stop it first"
+                ) from None
+            OWNER.unlink(missing_ok=True)  # its owner is gone without stopping
+            fd = os.open(OWNER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "w") as owner:
+            owner.write(f"{self.root}\n")
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._save_state(owner=True)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -422,6 +447,8 @@ state = '{base}/state'
         with contextlib.suppress(client.ApiException, Exception):
             self.api().delete_node(self.name)
         subprocess.run(["rm", "-rf", "--one-file-system", str(self.root)], check=False)
+        if state.get("owner") and OWNER.exists() and OWNER.read_text().strip() == str(self.root):
+            OWNER.unlink()
 
     def _drain(self, core: client.CoreV1Api) -> None:
         """Delete the node's pods gracefully and wait (30 s at most) until the kubelet has stopped

@@ -20,7 +20,16 @@ from typing import Any
 import nodeclean
 import pytest
 from kubernetes import client, watch
-from realnode import BRIDGE, HOST_DIRS, PAUSE_IMAGE, PROBE_IMAGE, SYSCTLS, RealNode, default_address
+from realnode import (
+    BRIDGE,
+    HOST_DIRS,
+    OWNER,
+    PAUSE_IMAGE,
+    PROBE_IMAGE,
+    SYSCTLS,
+    RealNode,
+    default_address,
+)
 
 from finetune_api.resource import FineTuneJobSpec
 from finetune_operator import builders
@@ -29,6 +38,7 @@ from finetune_operator.placement import gpu_requirement
 from finetune_operator.settings import Settings
 from gpusim import GPU_TYPES, gfd_labels
 from integration.harness import Cluster, create_restricted_namespace, running_cluster, wait_for
+from localcluster import ClusterError, LocalCluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.node]
 SERIALIZE = client.ApiClient().sanitize_for_serialization
@@ -55,8 +65,6 @@ def before() -> dict[str, Any]:
 def node(
     node_cluster: Cluster, before: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[RealNode]:
-    from localcluster import LocalCluster
-
     local = LocalCluster(node_cluster.root, node_address=default_address())
     with RealNode(local, tmp_path_factory.mktemp("node")) as real:
         yield real
@@ -281,6 +289,17 @@ def test_device_plugin_registers_again_after_kubelet_restart(
     assert logs == "NVIDIA_VISIBLE_DEVICES=GPU-finetune-0\n"
 
 
+def test_second_node_on_the_machine_is_refused(
+    node_cluster: Cluster, node: RealNode, tmp_path: Path
+) -> None:
+    other = RealNode(LocalCluster(node_cluster.root), tmp_path / "other", name="second")
+    with pytest.raises(ClusterError, match="already runs on this machine"):
+        other.start()
+    assert not (tmp_path / "other").exists()
+    got = node_cluster.core.read_node(node.name)
+    assert {c.type: c.status for c in got.status.conditions}["Ready"] == "True"
+
+
 def test_teardown_leaves_nothing(node: RealNode, before: dict[str, Any]) -> None:
     state_pids = dict(node._pids)
     root = node.root
@@ -305,6 +324,7 @@ def test_teardown_leaves_nothing(node: RealNode, before: dict[str, Any]) -> None
     assert nodeclean.chains() == before["chains"]
     assert nodeclean.read_sysctls(SYSCTLS) == before["sysctls"]
     assert {d: Path(d).exists() for d in HOST_DIRS} == before["host_dirs"]
+    assert not OWNER.exists()
     logs = Path("/var/log/containers")
     links = [os.readlink(p) for p in logs.iterdir() if p.is_symlink()] if logs.is_dir() else []
     assert not [link for link in links if link.startswith(str(root))]
