@@ -5,9 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup demo test test-unit test-integration test-training test-oldest test-e2e images \
-	verify lint typecheck crds crds-check chart-lint cluster-up cluster-down bench bench-operator \
-	bench-trainer
+.PHONY: help setup demo test test-unit test-integration test-node test-training test-oldest test-e2e \
+	images e2e verify lint typecheck crds crds-check chart-lint cluster-up cluster-down node-up node-down \
+	bench bench-operator bench-trainer
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
 # (hack/kube-versions.sh). `make test KUBE_VERSION=1.34.4` runs against the oldest we support.
@@ -30,8 +30,12 @@ test: setup ## Unit, integration (local control plane), training (tiny models on
 test-unit: setup ## Fast unit tests only
 	$(PY) -m pytest -m "not integration and not training"
 
-test-integration: setup ## Tests on the local control plane
-	$(PY) -m pytest -m integration
+test-integration: setup ## Tests on the local control plane (the real-node tier apart)
+	$(PY) -m pytest -m "integration and not node"
+
+test-node: setup ## A real kubelet with containerd on this machine (root): tests/node
+	hack/node-binaries.sh >/dev/null
+	$(PY) -m pytest -m node
 
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
@@ -94,4 +98,16 @@ cluster-up: setup ## Start the local control plane (.cluster/kubeconfig)
 	$(PY) hack/localcluster.py up .cluster
 
 cluster-down: ## Stop it
+	$(PY) hack/localcluster.py down .cluster
+
+# A real node (root): the control plane on this machine's address, a kubelet with containerd
+# (hack/realnode.py). `hack/realnode.py import ARCHIVE` loads an image into its containerd.
+node-up: setup ## Start the control plane for real kubelets and one real node (.cluster-node/)
+	hack/node-binaries.sh >/dev/null
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/hack $(PY) hack/localcluster.py up .cluster \
+		--node-address $$(PYTHONPATH=$(CURDIR)/hack $(PY) -c 'import realnode; print(realnode.default_address())')
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/hack $(PY) hack/realnode.py up .cluster .cluster-node
+
+node-down: ## Stop the node, then the control plane
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/hack $(PY) hack/realnode.py down .cluster .cluster-node
 	$(PY) hack/localcluster.py down .cluster

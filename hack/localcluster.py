@@ -4,8 +4,15 @@ etcd, kube-apiserver (RBAC on), kube-scheduler and kube-controller-manager (with
 lifecycle controller, so simulated nodes stay Ready) listen on loopback. State and the admin
 kubeconfig live under a directory of the caller's choice (the repo's ignored `.cluster/`).
 
-    python hack/localcluster.py up [DIR]     # start, write DIR/kubeconfig, leave running
-    python hack/localcluster.py down [DIR]   # stop and remove the state
+With `node_address` (`--node-address IP`) the control plane is ready for real kubelets
+(hack/realnode.py): the API server binds and advertises that address, so the `kubernetes`
+Service's endpoint is reachable from pods, its serving certificate names it, the Node authorizer
+is on, it calls kubelets on their InternalIP with a client certificate of its own and checks
+their serving certificates against the cluster CA, and the controller manager runs every
+controller (the node lifecycle controller lifts the not-ready taint of a Ready kubelet).
+
+    python hack/localcluster.py up [DIR] [--node-address IP]  # start, write DIR/kubeconfig
+    python hack/localcluster.py down [DIR]                    # stop and remove the state
 
 Binaries: $KUBEBUILDER_ASSETS first (envtest convention), then the cache filled by
 hack/kube-binaries.sh, which builds $KUBE_VERSION (default: the newest release the project pins,
@@ -71,7 +78,7 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def _make_pki(pki: Path) -> None:
+def _make_pki(pki: Path, address: str) -> None:
     """A CA, a serving certificate for the API server, and the service-account signing key."""
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("genrsa", "-out", str(pki / "ca.key"), "2048")
@@ -85,7 +92,7 @@ def _make_pki(pki: Path) -> None:
         "-out", str(pki / "apiserver.csr"),
     )  # fmt: skip
     (pki / "san.ext").write_text(
-        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        f"subjectAltName=IP:{address},IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
     )
     _openssl(
@@ -97,11 +104,36 @@ def _make_pki(pki: Path) -> None:
     _openssl("rsa", "-in", str(pki / "sa.key"), "-pubout", "-out", str(pki / "sa.pub"))
 
 
+def issue_certificate(
+    pki: Path, name: str, subject: str, *, ip_sans: tuple[str, ...] = (), client: bool = True
+) -> tuple[Path, Path]:
+    """A key and a certificate signed by the cluster CA in `pki`: a client certificate (the
+    subject's CN is the user, each O a group) or, with `client=False`, a serving one for
+    `ip_sans`. Returns (certificate, key)."""
+    key, csr, crt = pki / f"{name}.key", pki / f"{name}.csr", pki / f"{name}.crt"
+    _openssl("genrsa", "-out", str(key), "2048")
+    _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
+    ext = pki / f"{name}.ext"
+    usage = "clientAuth" if client else "serverAuth"
+    lines = ["basicConstraints=CA:FALSE", "keyUsage=critical,digitalSignature,keyEncipherment",
+             f"extendedKeyUsage={usage}"]  # fmt: skip
+    if ip_sans:
+        lines.append("subjectAltName=" + ",".join(f"IP:{ip}" for ip in ip_sans))
+    ext.write_text("\n".join(lines) + "\n")
+    _openssl(
+        "x509", "-req", "-in", str(csr), "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"),
+        "-CAcreateserial", "-days", "30", "-extfile", str(ext), "-out", str(crt),
+    )  # fmt: skip
+    return crt, key
+
+
 @dataclass
 class LocalCluster:
-    """One local control plane rooted at `root`."""
+    """One local control plane rooted at `root`; with `node_address`, ready for real kubelets
+    (see the module's docstring)."""
 
     root: Path
+    node_address: str | None = None
 
     @property
     def kubeconfig(self) -> Path:
@@ -118,9 +150,10 @@ class LocalCluster:
         shutil.rmtree(self.root, ignore_errors=True)
         (self.root / "logs").mkdir(parents=True)
         pki = self.root / "pki"
-        _make_pki(pki)
+        address = self.node_address or "127.0.0.1"
+        _make_pki(pki, address)
         etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
-        server = f"https://127.0.0.1:{api_port}"
+        server = f"https://{address}:{api_port}"
         (self.root / "endpoints.json").write_text(json.dumps({"server": server}))
         (self.root / "tokens.csv").write_text(f'{ADMIN_TOKEN},admin,admin,"system:masters"\n')
         self._write_kubeconfig(server, pki)
@@ -136,20 +169,18 @@ class LocalCluster:
         self._spawn("kube-apiserver", [
             str(bins["kube-apiserver"]),
             "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", address, "--advertise-address", address,
             "--secure-port", str(api_port),
             "--tls-cert-file", str(pki / "apiserver.crt"),
             "--tls-private-key-file", str(pki / "apiserver.key"),
             "--client-ca-file", str(pki / "ca.crt"),
             "--token-auth-file", str(self.root / "tokens.csv"),
-            "--authorization-mode", "RBAC",
             "--service-cluster-ip-range", SERVICE_CIDR,
             "--service-account-key-file", str(pki / "sa.pub"),
             "--service-account-signing-key-file", str(pki / "sa.key"),
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--allow-privileged=true",
-            # Loopback cannot be the `kubernetes` Service's endpoint; nothing in-cluster needs it.
-            "--endpoint-reconciler-type=none",
+            *self._node_flags(pki),
         ])  # fmt: skip
         self._wait_ready(server, timeout)
         self._spawn("kube-scheduler", [
@@ -161,14 +192,56 @@ class LocalCluster:
             str(bins["kube-controller-manager"]), "--kubeconfig", str(self.kubeconfig),
             "--leader-elect=false", "--bind-address", "127.0.0.1",
             "--secure-port", str(free_port()),
-            # No kubelets report here: without nodelifecycle the simulated nodes stay Ready.
-            "--controllers", "*,-node-lifecycle-controller,-persistentvolume-attach-detach-controller",
+            "--controllers", self._controllers(),
             "--service-account-private-key-file", str(pki / "sa.key"),
             "--root-ca-file", str(pki / "ca.crt"),
             "--use-service-account-credentials=true",
         ])  # fmt: skip
         self._wait_for_default_service_account(timeout)
         return self
+
+    def _node_flags(self, pki: Path) -> list[str]:
+        if self.node_address is None:
+            # Loopback cannot be the `kubernetes` Service's endpoint; nothing in-cluster needs it.
+            return ["--authorization-mode", "RBAC", "--endpoint-reconciler-type=none"]
+        crt, key = issue_certificate(
+            pki, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client"
+        )
+        return [
+            # The Node authorizer lets each kubelet (system:node:NAME) read and write what its
+            # node needs; RBAC the rest.
+            "--authorization-mode", "Node,RBAC",
+            "--kubelet-client-certificate", str(crt), "--kubelet-client-key", str(key),
+            "--kubelet-certificate-authority", str(pki / "ca.crt"),
+            "--kubelet-preferred-address-types", "InternalIP",
+        ]  # fmt: skip
+
+    def _controllers(self) -> str:
+        if self.node_address is None:
+            # No kubelets report here: without nodelifecycle the simulated nodes stay Ready.
+            return "*,-node-lifecycle-controller,-persistentvolume-attach-detach-controller"
+        return "*"
+
+    def client_kubeconfig(self, name: str, user: str, groups: tuple[str, ...] = ()) -> Path:
+        """A kubeconfig at DIR/NAME.kubeconfig for `user` in `groups`, with a client
+        certificate from the cluster CA (kubelets, kube-proxy)."""
+        pki = self.root / "pki"
+        subject = "".join(f"/O={group}" for group in groups) + f"/CN={user}"
+        crt, key = issue_certificate(pki, name, subject)
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "local", "cluster": {
+                "server": self.server, "certificate-authority": str(pki / "ca.crt")}}],
+            "users": [{"name": user, "user": {
+                "client-certificate": str(crt), "client-key": str(key)}}],
+            "contexts": [{"name": "local", "context": {"cluster": "local", "user": user}}],
+            "current-context": "local",
+        }  # fmt: skip
+        path = self.root / f"{name}.kubeconfig"
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
 
     def stop(self) -> None:
         """Stop every process of this cluster and remove its state."""
@@ -288,10 +361,16 @@ def _terminate(pid: int, grace: float = 10.0) -> None:
 
 
 def main(argv: list[str]) -> int:
+    node_address = None
+    if "--node-address" in argv[:-1]:
+        at = argv.index("--node-address")
+        node_address = argv[at + 1]
+        argv = argv[:at] + argv[at + 2 :]
     if not argv or argv[0] not in ("up", "down"):
         print(__doc__, file=sys.stderr)
         return 2
-    cluster = LocalCluster(Path(argv[1]).resolve() if len(argv) > 1 else DEFAULT_DIR)
+    root = Path(argv[1]).resolve() if len(argv) > 1 else DEFAULT_DIR
+    cluster = LocalCluster(root, node_address=node_address)
     if argv[0] == "up":
         cluster.start()
         print(f"cluster up: export KUBECONFIG={cluster.kubeconfig}")

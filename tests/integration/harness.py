@@ -103,9 +103,10 @@ def _kubectl_binary() -> str:
 
 
 @contextlib.contextmanager
-def running_cluster(root: Path) -> Iterator[Cluster]:
-    """A local control plane with the CRD installed, stopped on exit."""
-    local = LocalCluster(root)
+def running_cluster(root: Path, node_address: str | None = None) -> Iterator[Cluster]:
+    """A local control plane with the CRD installed, stopped on exit (`node_address`: ready for
+    real kubelets, see hack/localcluster.py)."""
+    local = LocalCluster(root, node_address=node_address)
     try:
         local.start()
         env = dict(os.environ, KUBECONFIG=str(local.kubeconfig))

@@ -1,0 +1,152 @@
+// Command kubeprobe is the test container of the real-node tier (hack/realnode.py): a static
+// program without a shell, packaged as an image like the pause image.
+//
+//	kubeprobe print TEXT...      print TEXT and exit 0
+//	kubeprobe env NAME...        print NAME=value of each environment variable
+//	kubeprobe whoami             ask the API server who this pod is (SelfSubjectReview) through
+//	                             the `kubernetes` Service, with the ServiceAccount token and CA
+//	kubeprobe wait               print "waiting", then on SIGTERM write "got SIGTERM" to the
+//	                             termination message file and exit 0
+//	kubeprobe fail CODE TEXT...  print TEXT on stdout, exit CODE (FallbackToLogsOnError)
+//	kubeprobe message CODE TEXT  write TEXT to the termination message file, exit CODE
+package main
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+const saDir = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+func terminationPath() string {
+	if p := os.Getenv("TERMINATION_MESSAGE_PATH"); p != "" {
+		return p
+	}
+	return "/dev/termination-log"
+}
+
+func whoami() error {
+	host, port := os.Getenv("KUBERNETES_SERVICE_HOST"), os.Getenv("KUBERNETES_SERVICE_PORT")
+	if host == "" || port == "" {
+		return fmt.Errorf("KUBERNETES_SERVICE_HOST/PORT not set: not in a pod")
+	}
+	token, err := os.ReadFile(saDir + "/token")
+	if err != nil {
+		return err
+	}
+	caPEM, err := os.ReadFile(saDir + "/ca.crt")
+	if err != nil {
+		return err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return fmt.Errorf("no certificate in %s/ca.crt", saDir)
+	}
+	httpClient := &http.Client{
+		Timeout:   10 * time.Second,
+		Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}},
+	}
+	body := []byte(`{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}`)
+	url := "https://" + net.JoinHostPort(host, port) + "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+	req, err := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(token)))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%s: HTTP %d: %s", url, resp.StatusCode, data)
+	}
+	var review struct {
+		Status struct {
+			UserInfo struct {
+				Username string `json:"username"`
+			} `json:"userInfo"`
+		} `json:"status"`
+	}
+	if err := json.Unmarshal(data, &review); err != nil {
+		return err
+	}
+	fmt.Printf("server %s user %s\n", net.JoinHostPort(host, port), review.Status.UserInfo.Username)
+	return nil
+}
+
+func exitCode(arg string) int {
+	code, err := strconv.Atoi(arg)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "kubeprobe: exit code %q is not a number\n", arg)
+		os.Exit(64)
+	}
+	return code
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|whoami|wait|fail|message ...")
+		os.Exit(64)
+	}
+	args := os.Args[2:]
+	switch os.Args[1] {
+	case "print":
+		fmt.Println(strings.Join(args, " "))
+	case "env":
+		for _, name := range args {
+			fmt.Printf("%s=%s\n", name, os.Getenv(name))
+		}
+	case "whoami":
+		if err := whoami(); err != nil {
+			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
+			os.Exit(1)
+		}
+	case "wait":
+		signals := make(chan os.Signal, 1)
+		signal.Notify(signals, syscall.SIGTERM)
+		fmt.Println("waiting")
+		sig := <-signals
+		msg := "got " + map[os.Signal]string{syscall.SIGTERM: "SIGTERM"}[sig]
+		fmt.Println(msg)
+		if err := os.WriteFile(terminationPath(), []byte(msg), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
+			os.Exit(1)
+		}
+	case "fail":
+		if len(args) < 1 {
+			os.Exit(64)
+		}
+		fmt.Println(strings.Join(args[1:], " "))
+		os.Exit(exitCode(args[0]))
+	case "message":
+		if len(args) < 1 {
+			os.Exit(64)
+		}
+		if err := os.WriteFile(terminationPath(), []byte(strings.Join(args[1:], " ")), 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
+			os.Exit(1)
+		}
+		os.Exit(exitCode(args[0]))
+	default:
+		fmt.Fprintf(os.Stderr, "kubeprobe: unknown command %q\n", os.Args[1])
+		os.Exit(64)
+	}
+}
