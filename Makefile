@@ -48,6 +48,12 @@ images: ## Build both images of the Dockerfile with buildah, export them for `ct
 test-e2e: setup images ## Checks on the built images (marker e2e; not part of `make test`)
 	$(PY) -m pytest -m e2e
 
+# The user's path on a real node: images built here, helm install, a FineTuneJob trained in
+# containerd, a deleted pod resumed, an fp8 job refused by the trainer. Last line: one JSON object.
+e2e: setup ## Images, a real node, helm install and real training end to end (root; JSON last line)
+	hack/node-binaries.sh >/dev/null
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/operator:$(CURDIR)/hack $(PY) hack/e2e.py
+
 # The CRD, placement (device plugin and DRA) and lifecycle tests on the oldest supported Kubernetes.
 OLDEST_TESTS := tests/integration/test_control_plane.py tests/integration/test_lifecycle.py \
 	tests/integration/test_placement.py \
