@@ -64,6 +64,11 @@ fi
 mkdir -p "$STORE" "$WHEELS_ROOT" "$ARCHIVES"
 exec 9>"$STORE/build.lock"
 flock 9
+# buildah stages each committed layer as a tar in TMPDIR (the trainer's largest is several GB):
+# keep those with the storage, and clear what a build that was killed left there.
+export TMPDIR=$STORE/tmp
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
 
 # --- storage ------------------------------------------------------------------------------------
 # overlay where this kernel and filesystem mount it (copying nothing per layer), else vfs (a full
@@ -175,14 +180,43 @@ for target in "${targets[@]}"; do
     args+=(--build-arg "TORCH_INDEX_URL=file:///mnt/simple")
     volumes+=(-v "$wheels:/mnt:ro")
   fi
-  log "building $ref"
-  start=$SECONDS
-  buildah bud --layers --pull=never --network host --target "$target" --tag "$ref" \
-    --iidfile "$STORE/$target.iid" "${args[@]}" ${volumes[@]+"${volumes[@]}"} \
-    -f "$REPO/Dockerfile" "$REPO" >&2
-  id=$(<"$STORE/$target.iid")
-  id=${id#sha256:}
-  log "built $ref ($id) in $((SECONDS - start)) s"
+  # Every input of the build: the Dockerfile, the context it copies (filtered as .dockerignore
+  # does), the arguments, the base's id and the wheelhouse's files. When the image last built
+  # from the same inputs is still in the storage, nothing is built: buildah's layer cache would
+  # give the same image, but checking `COPY --from` means hashing the trainer's whole venv
+  # (~1.5 min here). FINETUNE_IMAGES_REBUILD=1 always runs buildah.
+  inputs=$(
+    cd "$REPO"
+    {
+      printf '%s\n' "$target" "${args[@]}" ${volumes[@]+"${volumes[@]}"}
+      buildah inspect --type image --format '{{.FromImageID}}' "$BASE"
+      find Dockerfile .dockerignore pyproject.toml README.md api operator trainer -type f \
+        ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -path '*.egg-info/*' \
+        ! -path '*/.pytest_cache/*' ! -path '*/.mypy_cache/*' ! -path '*/.ruff_cache/*' \
+        -print0 | sort -z | xargs -0 sha256sum
+      [[ $target != trainer ]] || (cd "$wheels" && find . -type f ! -name '.*' | sort)
+    } | sha256sum | cut -c1-64
+  )
+  id=
+  if [[ ${FINETUNE_IMAGES_REBUILD:-0} != 1 && -f $STORE/$target.inputs ]]; then
+    read -r last_inputs last_id <"$STORE/$target.inputs" || true
+    if [[ $last_inputs == "$inputs" ]] &&
+      [[ $(buildah inspect --type image --format '{{.FromImageID}}' "$ref" 2>/dev/null) == "$last_id" ]]; then
+      id=$last_id
+      log "$ref is up to date ($id)"
+    fi
+  fi
+  if [[ -z $id ]]; then
+    log "building $ref"
+    start=$SECONDS
+    buildah bud --layers --pull=never --network host --target "$target" --tag "$ref" \
+      --iidfile "$STORE/$target.iid" "${args[@]}" ${volumes[@]+"${volumes[@]}"} \
+      -f "$REPO/Dockerfile" "$REPO" >&2
+    id=$(<"$STORE/$target.iid")
+    id=${id#sha256:}
+    echo "$inputs $id" >"$STORE/$target.inputs"
+    log "built $ref ($id) in $((SECONDS - start)) s"
+  fi
 
   archive=$ARCHIVES/$target.tar
   if [[ ! -f $archive || $(cat "$archive.id" 2>/dev/null) != "$id" ]]; then
