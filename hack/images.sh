@@ -17,15 +17,16 @@
 # Everything lives under ~/.cache/finetune-operator (FINETUNE_CACHE): buildah's storage in
 # containers/ (its own storage.conf: overlay when the kernel mounts it there, else vfs), the
 # wheelhouse in wheels/, the archives in images/<target>.tar (re-exported only when the image id
-# changes). `--layers` keeps every step, so an unchanged rebuild takes seconds. One build at a
-# time (flock). Needs root (buildah, debootstrap; both installed from Debian when missing).
+# changes). A target whose inputs (Dockerfile, the files it copies, arguments, base) match its
+# last build is not built again (a fraction of a second); otherwise `--layers` reuses every step
+# whose inputs did not change. One build at a time (flock). Needs root (buildah, debootstrap; both installed from Debian when missing).
 #
 # Last line of stdout: {"operator": {"ref", "id", "archive", "size_mb"}, "trainer": {...}}.
 # Progress goes to stderr. Use the same storage by hand:
 #   CONTAINERS_STORAGE_CONF=~/.cache/finetune-operator/containers/storage.conf buildah images
 set -euo pipefail
-# chroot isolation: no OCI runtime or cgroup setup (this VM mounts cgroups v1+v2 "hybrid", which
-# crun refuses); the build steps still get their own mount, PID, UTS and IPC namespaces.
+# buildah's chroot isolation: no OCI runtime and no cgroup setup (this VM mounts cgroups v1 and v2
+# together, "hybrid", which crun refuses to run in).
 export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,7 +42,6 @@ BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
 TRAINER_PYTHON=python3.11
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$REPO/Dockerfile")
 TORCH_INDEX_URL=${FINETUNE_TORCH_INDEX_URL:-https://pypi.org/simple}
-# The base's recipe: a change makes a new base.
 
 log() { echo "images: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -190,7 +190,7 @@ for target in "${targets[@]}"; do
     {
       printf '%s\n' "$target" "${args[@]}" ${volumes[@]+"${volumes[@]}"}
       buildah inspect --type image --format '{{.FromImageID}}' "$BASE"
-      find Dockerfile .dockerignore pyproject.toml README.md api operator trainer -type f \
+      find Dockerfile .dockerignore pyproject.toml README.md api "$target" -type f \
         ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -path '*.egg-info/*' \
         ! -path '*/.pytest_cache/*' ! -path '*/.mypy_cache/*' ! -path '*/.ruff_cache/*' \
         -print0 | sort -z | xargs -0 sha256sum
