@@ -171,9 +171,14 @@ fi
 json=()
 for target in "${targets[@]}"; do
   ref=localhost/finetune-operator/$target:$VERSION
+  revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+  # buildah 1.28 reuses a cached LABEL step whose ${ARG} values changed (its cache key is the
+  # unexpanded instruction), which would leave the first build's revision in every later image:
+  # --label sets the two that change on the final image as well.
   args=(--build-arg "OPERATOR_BASE=$BASE" --build-arg "TRAINER_BASE=$BASE"
     --build-arg "TRAINER_PYTHON=$TRAINER_PYTHON" --build-arg "VERSION=$VERSION"
-    --build-arg "REVISION=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)")
+    --build-arg "REVISION=$revision" --label "org.opencontainers.image.version=$VERSION"
+    --label "org.opencontainers.image.revision=$revision")
   volumes=()
   if [[ $target == trainer ]]; then
     # /mnt: a folder every base has, so the mount leaves no mountpoint behind in a layer.
