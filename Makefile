@@ -16,7 +16,7 @@ KUBE_VERSION_OLDEST := $(shell . hack/kube-versions.sh && echo $$KUBE_VERSION_OL
 export KUBE_VERSION
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 setup: ## Install Debian packages, .venv, kubectl/helm and the control-plane binaries (idempotent)
 	@hack/setup.sh

@@ -17,15 +17,16 @@
 # Everything lives under ~/.cache/finetune-operator (FINETUNE_CACHE): buildah's storage in
 # containers/ (its own storage.conf: overlay when the kernel mounts it there, else vfs), the
 # wheelhouse in wheels/, the archives in images/<target>.tar (re-exported only when the image id
-# changes). `--layers` keeps every step, so an unchanged rebuild takes seconds. One build at a
-# time (flock). Needs root (buildah, debootstrap; both installed from Debian when missing).
+# changes). A target whose inputs (Dockerfile, the files it copies, arguments, base) match its
+# last build is not built again (a fraction of a second); otherwise `--layers` reuses every step
+# whose inputs did not change. One build at a time (flock). Needs root (buildah, debootstrap; both installed from Debian when missing).
 #
 # Last line of stdout: {"operator": {"ref", "id", "archive", "size_mb"}, "trainer": {...}}.
 # Progress goes to stderr. Use the same storage by hand:
 #   CONTAINERS_STORAGE_CONF=~/.cache/finetune-operator/containers/storage.conf buildah images
 set -euo pipefail
-# chroot isolation: no OCI runtime or cgroup setup (this VM mounts cgroups v1+v2 "hybrid", which
-# crun refuses); the build steps still get their own mount, PID, UTS and IPC namespaces.
+# buildah's chroot isolation: no OCI runtime and no cgroup setup (this VM mounts cgroups v1 and v2
+# together, "hybrid", which crun refuses to run in).
 export BUILDAH_ISOLATION=${BUILDAH_ISOLATION:-chroot}
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,7 +42,6 @@ BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates
 TRAINER_PYTHON=python3.11
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$REPO/Dockerfile")
 TORCH_INDEX_URL=${FINETUNE_TORCH_INDEX_URL:-https://pypi.org/simple}
-# The base's recipe: a change makes a new base.
 
 log() { echo "images: $*" >&2; }
 die() { log "$*"; exit 1; }
@@ -64,6 +64,11 @@ fi
 mkdir -p "$STORE" "$WHEELS_ROOT" "$ARCHIVES"
 exec 9>"$STORE/build.lock"
 flock 9
+# buildah stages each committed layer as a tar in TMPDIR (the trainer's largest is several GB):
+# keep those with the storage, and clear what a build that was killed left there.
+export TMPDIR=$STORE/tmp
+rm -rf "$TMPDIR"
+mkdir -p "$TMPDIR"
 
 # --- storage ------------------------------------------------------------------------------------
 # overlay where this kernel and filesystem mount it (copying nothing per layer), else vfs (a full
@@ -166,23 +171,57 @@ fi
 json=()
 for target in "${targets[@]}"; do
   ref=localhost/finetune-operator/$target:$VERSION
+  revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+  # buildah 1.28 reuses a cached LABEL step whose ${ARG} values changed (its cache key is the
+  # unexpanded instruction), which would leave the first build's revision in every later image:
+  # --label sets the two that change on the final image as well.
   args=(--build-arg "OPERATOR_BASE=$BASE" --build-arg "TRAINER_BASE=$BASE"
     --build-arg "TRAINER_PYTHON=$TRAINER_PYTHON" --build-arg "VERSION=$VERSION"
-    --build-arg "REVISION=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)")
+    --build-arg "REVISION=$revision" --label "org.opencontainers.image.version=$VERSION"
+    --label "org.opencontainers.image.revision=$revision")
   volumes=()
   if [[ $target == trainer ]]; then
     # /mnt: a folder every base has, so the mount leaves no mountpoint behind in a layer.
     args+=(--build-arg "TORCH_INDEX_URL=file:///mnt/simple")
     volumes+=(-v "$wheels:/mnt:ro")
   fi
-  log "building $ref"
-  start=$SECONDS
-  buildah bud --layers --pull=never --network host --target "$target" --tag "$ref" \
-    --iidfile "$STORE/$target.iid" "${args[@]}" ${volumes[@]+"${volumes[@]}"} \
-    -f "$REPO/Dockerfile" "$REPO" >&2
-  id=$(<"$STORE/$target.iid")
-  id=${id#sha256:}
-  log "built $ref ($id) in $((SECONDS - start)) s"
+  # Every input of the build: the Dockerfile, the context it copies (filtered as .dockerignore
+  # does), the arguments, the base's id and the wheelhouse's files. When the image last built
+  # from the same inputs is still in the storage, nothing is built: buildah's layer cache would
+  # give the same image, but checking `COPY --from` means hashing the trainer's whole venv
+  # (~1.5 min here). FINETUNE_IMAGES_REBUILD=1 always runs buildah.
+  inputs=$(
+    cd "$REPO"
+    {
+      printf '%s\n' "$target" "${args[@]}" ${volumes[@]+"${volumes[@]}"}
+      buildah inspect --type image --format '{{.FromImageID}}' "$BASE"
+      find Dockerfile .dockerignore pyproject.toml README.md api "$target" -type f \
+        ! -path '*/__pycache__/*' ! -name '*.py[cod]' ! -path '*.egg-info/*' \
+        ! -path '*/.pytest_cache/*' ! -path '*/.mypy_cache/*' ! -path '*/.ruff_cache/*' \
+        -print0 | sort -z | xargs -0 sha256sum
+      [[ $target != trainer ]] || (cd "$wheels" && find . -type f ! -name '.*' | sort)
+    } | sha256sum | cut -c1-64
+  )
+  id=
+  if [[ ${FINETUNE_IMAGES_REBUILD:-0} != 1 && -f $STORE/$target.inputs ]]; then
+    read -r last_inputs last_id <"$STORE/$target.inputs" || true
+    if [[ $last_inputs == "$inputs" ]] &&
+      [[ $(buildah inspect --type image --format '{{.FromImageID}}' "$ref" 2>/dev/null) == "$last_id" ]]; then
+      id=$last_id
+      log "$ref is up to date ($id)"
+    fi
+  fi
+  if [[ -z $id ]]; then
+    log "building $ref"
+    start=$SECONDS
+    buildah bud --layers --pull=never --network host --target "$target" --tag "$ref" \
+      --iidfile "$STORE/$target.iid" "${args[@]}" ${volumes[@]+"${volumes[@]}"} \
+      -f "$REPO/Dockerfile" "$REPO" >&2
+    id=$(<"$STORE/$target.iid")
+    id=${id#sha256:}
+    echo "$inputs $id" >"$STORE/$target.inputs"
+    log "built $ref ($id) in $((SECONDS - start)) s"
+  fi
 
   archive=$ARCHIVES/$target.tar
   if [[ ! -f $archive || $(cat "$archive.id" 2>/dev/null) != "$id" ]]; then

@@ -90,6 +90,9 @@ def site_packages(container: str) -> Path:
 
 def test_each_image_is_named_and_exported(images: dict[str, dict[str, Any]]) -> None:
     version = (REPO / "pyproject.toml").read_text().split('version = "', 1)[1].split('"', 1)[0]
+    revision = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     for target, image in images.items():
         assert image["ref"] == f"localhost/finetune-operator/{target}:{version}"
         inspected = json.loads(buildah("inspect", "--type", "image", image["ref"]).stdout)
@@ -103,6 +106,10 @@ def test_each_image_is_named_and_exported(images: dict[str, dict[str, Any]]) -> 
             manifest = json.load(member)
         assert [entry["RepoTags"] for entry in manifest] == [[image["ref"]]]
         assert manifest[0]["Config"].removesuffix(".json").removeprefix("sha256:") == image["id"]
+        # The labels name this checkout (buildah's layer cache must not keep an older build's).
+        labels = inspected["OCIv1"]["config"]["Labels"]
+        assert labels["org.opencontainers.image.version"] == version
+        assert labels["org.opencontainers.image.revision"] == revision
 
 
 @pytest.mark.parametrize("target", TARGETS)
