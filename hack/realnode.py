@@ -227,6 +227,9 @@ class RealNode:
         base.mkdir(parents=True, exist_ok=True)
         cri_runtime = "plugins.'io.containerd.cri.v1.runtime'"
         runc_table = f"{cri_runtime}.containerd.runtimes.runc"
+        # Config version 3 (containerd 2.0-2.3's; 2.4 migrates it to 4 in memory, with a
+        # warning). 2.4 also reads drop-ins from /etc/containerd/conf.d (`imports = []` does not
+        # stop it); there are none on the machines this runs on.
         (base / "config.toml").write_text(f"""version = 3
 root = '{base}/root'
 state = '{base}/state'
@@ -246,6 +249,8 @@ state = '{base}/state'
     sandbox = '{PAUSE_IMAGE}'
 [{cri_runtime}]
   restrict_oom_score_adj = {str(not can_lower_oom_score_adj()).lower()}
+  # Pod network namespaces under the state directory, not /run/netns.
+  netns_mounts_under_state_dir = true
   [{cri_runtime}.containerd]
     default_runtime_name = 'runc'
   [{runc_table}]
