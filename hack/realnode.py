@@ -35,17 +35,14 @@ from types import TracebackType
 from urllib.parse import urlsplit
 
 import nodeclean
+import nodeconfig
 from kubernetes import client, config
+from nodeconfig import BRIDGE, NETWORK, PAUSE_IMAGE, PROBE_IMAGE
 from ociimage import ImageFile, write_image
 
 from gpusim import GPU_TYPES, gfd_labels
 from localcluster import DEFAULT_DIR, HACK, ClusterError, LocalCluster, free_port, issue_certificate
 
-PAUSE_IMAGE = "localhost/finetune-node/pause:local"
-PROBE_IMAGE = "localhost/finetune-node/kubeprobe:local"
-NETWORK = "finetune-node"  # the CNI network's name: its iptables rules carry it in a comment
-BRIDGE = "ftnode0"
-POD_CIDR = "10.244.0.0/24"
 DEVICE_PLUGINS = Path("/var/lib/kubelet/device-plugins")  # the kubelet's, whatever --root-dir
 # Host paths the node writes to whatever its settings: the kubelet's device-plugin directory, its
 # links to container logs, containerd's shim sockets. Removed at stop when the node made them.
@@ -53,8 +50,6 @@ HOST_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd")
 # One real node per machine: the kubepods cgroups, the device-plugin directory and kube-proxy's
 # chains are machine-wide. The file names the node directory that owns the machine.
 OWNER = Path("/run/finetune-realnode.owner")
-CNI_BIN = "/usr/lib/cni"
-GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 SYSCTLS = ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables")
 
 
@@ -208,59 +203,15 @@ class RealNode:
     def _write_cni(self) -> None:
         conf = self.root / "cni" / "net.d"
         conf.mkdir(parents=True, exist_ok=True)
-        network = {
-            "cniVersion": "1.0.0",
-            "name": NETWORK,
-            "plugins": [
-                {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": True,
-                 "hairpinMode": True,
-                 "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_CIDR}]],
-                          "routes": [{"dst": "0.0.0.0/0"}],
-                          "dataDir": str(self.root / "cni" / "ipam")}},
-                {"type": "portmap", "capabilities": {"portMappings": True}},
-            ],
-        }  # fmt: skip
+        network = nodeconfig.cni_network(self.root)
         (conf / "10-finetune-node.conflist").write_text(json.dumps(network, indent=1))
 
     def _start_containerd(self, ctrd: Path, runc: Path) -> None:
         base = self.root / "containerd"
         base.mkdir(parents=True, exist_ok=True)
-        cri_runtime = "plugins.'io.containerd.cri.v1.runtime'"
-        runc_table = f"{cri_runtime}.containerd.runtimes.runc"
-        (base / "config.toml").write_text(f"""version = 3
-root = '{base}/root'
-state = '{base}/state'
-
-[grpc]
-  address = '{self.containerd_socket}'
-[ttrpc]
-  address = '{self.containerd_socket}.ttrpc'
-
-[plugins.'io.containerd.internal.v1.opt']
-  path = '{base}/opt'
-[plugins.'io.containerd.nri.v1.nri']
-  disable = true
-[plugins.'io.containerd.cri.v1.images']
-  snapshotter = 'overlayfs'
-  [plugins.'io.containerd.cri.v1.images'.pinned_images]
-    sandbox = '{PAUSE_IMAGE}'
-[{cri_runtime}]
-  restrict_oom_score_adj = {str(not can_lower_oom_score_adj()).lower()}
-  [{cri_runtime}.containerd]
-    default_runtime_name = 'runc'
-  [{runc_table}]
-    runtime_type = 'io.containerd.runc.v2'
-  [{runc_table}.options]
-    BinaryName = '{runc}'
-    Root = '{self.root}/runc'
-    SystemdCgroup = false
-  [{cri_runtime}.cni]
-    bin_dirs = ['{CNI_BIN}']
-    conf_dir = '{self.root}/cni/net.d'
-[plugins.'io.containerd.grpc.v1.cri']
-  stream_server_address = '127.0.0.1'
-  stream_server_port = '0'
-""")
+        restrict = not can_lower_oom_score_adj()
+        toml = nodeconfig.containerd_toml(self.root, self.containerd_socket, runc, restrict)
+        (base / "config.toml").write_text(toml)
         self._spawn("containerd", [str(ctrd / "containerd"), "--config", str(base / "config.toml")])
         env = {**os.environ, "PATH": f"{ctrd}:{os.environ.get('PATH', '')}"}
         deadline = time.monotonic() + 60
@@ -313,38 +264,10 @@ state = '{base}/state'
             ip_sans=(self.ip,), client=False,
         )  # fmt: skip
         self.kubelet_dir.mkdir(parents=True, exist_ok=True)
-        settings = {
-            "apiVersion": "kubelet.config.k8s.io/v1beta1",
-            "kind": "KubeletConfiguration",
-            # Kubernetes 1.35+ refuses to start on cgroup v1 unless told; this machine has v1 only.
-            "failCgroupV1": False,
-            "cgroupDriver": "cgroupfs",  # no systemd here; containerd's runc uses cgroupfs too
-            "failSwapOn": False,
-            "containerRuntimeEndpoint": f"unix://{self.containerd_socket}",
-            "address": self.ip,
-            "port": free_port(),
-            "readOnlyPort": 0,
-            "healthzBindAddress": "127.0.0.1",
-            "healthzPort": free_port(),
-            "tlsCertFile": str(crt),
-            "tlsPrivateKeyFile": str(key),
-            "authentication": {
-                "anonymous": {"enabled": False},
-                "webhook": {"enabled": True},
-                "x509": {"clientCAFile": str(pki / "ca.crt")},
-            },
-            "authorization": {"mode": "Webhook"},
-            "registerWithTaints": [GPU_TAINT],
-            "podLogsDir": str(self.root / "pod-logs"),
-            "resolvConf": "/etc/resolv.conf",
-            "clusterDomain": "cluster.local",
-            # The machine's disk is shared and fairly full: evict only when nearly out of room.
-            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
-                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
-            "imageGCHighThresholdPercent": 100,
-            "imageGCLowThresholdPercent": 99,
-            "shutdownGracePeriod": "0s",
-        }  # fmt: skip
+        settings = nodeconfig.kubelet_settings(
+            self.root, self.containerd_socket, self.ip, crt=crt, key=key, ca=pki / "ca.crt",
+            port=free_port(), healthz_port=free_port(),
+        )  # fmt: skip
         (self.kubelet_dir / "config.json").write_text(json.dumps(settings, indent=1))
         labels = {"kubernetes.io/os": "linux", **gfd_labels(GPU_TYPES[self.gpu], self.gpus)}
         self._spawn("kubelet", [
@@ -357,22 +280,9 @@ state = '{base}/state'
 
     def _start_kube_proxy(self, kube: Path) -> None:
         kubeconfig = self.cluster.client_kubeconfig(f"kube-proxy-{self.name}", "system:kube-proxy")
-        settings = {
-            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
-            "kind": "KubeProxyConfiguration",
-            "clientConnection": {"kubeconfig": str(kubeconfig)},
-            "mode": "iptables",
-            "hostnameOverride": self.name,
-            "clusterCIDR": POD_CIDR,
-            "detectLocalMode": "ClusterCIDR",
-            "metricsBindAddress": f"127.0.0.1:{free_port()}",
-            "healthzBindAddress": f"127.0.0.1:{free_port()}",
-            # NodePorts on the node's address only: localhost NodePorts would need route_localnet.
-            "nodePortAddresses": [f"{self.ip}/32"],
-            # Leave the machine's conntrack sysctls alone (0: do not set).
-            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s",
-                          "tcpCloseWaitTimeout": "0s"},
-        }  # fmt: skip
+        settings = nodeconfig.kube_proxy_settings(
+            kubeconfig, self.name, self.ip, metrics_port=free_port(), healthz_port=free_port()
+        )
         path = self.root / "kube-proxy.json"
         path.write_text(json.dumps(settings, indent=1))
         self._spawn("kube-proxy", [str(kube / "kube-proxy"), "--config", str(path), "--v=2"])
@@ -400,8 +310,11 @@ state = '{base}/state'
                 ):
                     return
             time.sleep(1)
-        raise ClusterError(f"node {self.name} not ready after {timeout:.0f}s ({last}); "
-                           f"see {self.root}/logs")  # fmt: skip
+        plugin = (self.root / "logs" / "gpu-device-plugin.log").read_text().splitlines()[-6:]
+        raise ClusterError(
+            f"node {self.name} not ready after {timeout:.0f}s ({last}); the device plugin's log "
+            f"ends with: {' | '.join(plugin)}"
+        )
 
     def _check_alive(self) -> None:
         for name, pid in self._pids.items():

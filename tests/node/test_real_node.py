@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,6 +181,28 @@ def test_in_cluster_client_reaches_api_through_kubernetes_service(
     assert logs == (
         f"server {service.spec.cluster_ip}:443 user system:serviceaccount:{ns}:default\n"
     )
+
+
+def test_service_routes_from_the_host_to_a_pod(node_cluster: Cluster, ns: str) -> None:
+    """kube-proxy's rules take the host's traffic to a ClusterIP Service on to a pod, the path
+    the API server takes to a webhook Service."""
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    body = probe_pod("server", ["serve", "8080"], env=env)
+    body["metadata"]["labels"] = {"app": "server"}
+    run_pod(node_cluster, ns, body, phase="Running")
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "server"},
+               "spec": {"selector": {"app": "server"},
+                        "ports": [{"port": 80, "targetPort": 8080}]}}  # fmt: skip
+    ip = node_cluster.core.create_namespaced_service(ns, service).spec.cluster_ip
+
+    def answer() -> str:
+        try:
+            with urllib.request.urlopen(f"http://{ip}/", timeout=3) as resp:
+                return str(resp.read().decode())
+        except OSError:
+            return ""
+
+    assert wait_for(answer, timeout=60, what=f"an answer from {ip}:80") == "hello from server\n"
 
 
 def test_termination_message_from_file(node_cluster: Cluster, ns: str) -> None:

@@ -91,13 +91,19 @@ func serve(p *plugin, dir, resource string, signals <-chan os.Signal) (done bool
 	go func() { _ = server.Serve(lis) }()
 	defer server.Stop()
 	for {
+		// The kubelet empties this directory when it starts: a socket made before that is gone,
+		// and registering it again would fail for ever.
+		if _, err := os.Stat(sock); err != nil {
+			log.Printf("%s is gone before registering: listening again", sock)
+			return false
+		}
 		if err := register(dir, endpoint, resource); err == nil {
 			log.Printf("registered %s (%d devices) with the kubelet", resource, len(p.devices))
 			break
 		} else {
 			log.Printf("register: %v", err)
 		}
-		if waitOrDone(signals, 2*time.Second) {
+		if waitOrDone(signals, time.Second) {
 			return true
 		}
 	}

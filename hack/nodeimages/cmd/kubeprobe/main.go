@@ -5,6 +5,7 @@
 //	kubeprobe env NAME...        print NAME=value of each environment variable
 //	kubeprobe whoami             ask the API server who this pod is (SelfSubjectReview) through
 //	                             the `kubernetes` Service, with the ServiceAccount token and CA
+//	kubeprobe serve PORT         answer every HTTP request with "hello from POD_NAME"
 //	kubeprobe wait               print "waiting", then on SIGTERM write "got SIGTERM" to the
 //	                             termination message file and exit 0
 //	kubeprobe fail CODE TEXT...  print TEXT on stdout, exit CODE (FallbackToLogsOnError)
@@ -103,7 +104,7 @@ func exitCode(arg string) int {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|whoami|wait|fail|message ...")
+		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|serve|whoami|wait|fail|message ...")
 		os.Exit(64)
 	}
 	args := os.Args[2:]
@@ -113,6 +114,17 @@ func main() {
 	case "env":
 		for _, name := range args {
 			fmt.Printf("%s=%s\n", name, os.Getenv(name))
+		}
+	case "serve":
+		if len(args) < 1 {
+			os.Exit(64)
+		}
+		reply := "hello from " + os.Getenv("POD_NAME") + "\n"
+		http.HandleFunc("/", func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, reply) })
+		fmt.Println("serving on port", args[0])
+		if err := http.ListenAndServe(":"+args[0], nil); err != nil {
+			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
+			os.Exit(1)
 		}
 	case "whoami":
 		if err := whoami(); err != nil {
