@@ -163,6 +163,9 @@ def seed_volumes(user: User, root: Path) -> None:
         bind_hostpath_claim(user.core, TEAM, claim, path)
     build_tiny_model(volumes["models"] / "tiny-llama")
     write_corpus(volumes["data"] / "corpus" / "train.jsonl", repeat=8)
+    # The trainer runs as UID 65532: what it reads must be readable by others (safetensors
+    # writes its files 0600), as on any shared volume.
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
 
 
 def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
@@ -185,6 +188,8 @@ def train_and_resume(user: User, volumes: Path) -> dict[str, Any]:
 
     def mid_run() -> dict[str, str] | None:
         row = get_wide(user, "tiny")
+        if row.get("PHASE") in ("Failed", "Succeeded"):
+            raise ExpectationError(f"the job ended {row['PHASE']} early: {row.get('MESSAGE')}")
         progress = row.get("PROGRESS", "<none>")
         if row.get("PHASE") == "Running" and progress.isdigit() and 0 < int(progress) < 60:
             return row if row.get("LOSS") not in (None, "<none>") else None
@@ -291,6 +296,9 @@ def main() -> int:
     except ExpectationError as failure:
         print(f"e2e: FAILED: {failure}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("e2e: interrupted (everything it started is stopped)", file=sys.stderr)
+        return 130
     print(json.dumps(outcome))
     return 0
 
