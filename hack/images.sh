@@ -115,7 +115,7 @@ if [[ $(base_recipe) != "$BASE_RECIPE" ]]; then
   debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >&2
   if [[ ${#local_cas[@]} -gt 0 ]]; then
     cp "${local_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
-    chroot "$rootfs" update-ca-certificates >&2
+    TMPDIR=/tmp chroot "$rootfs" update-ca-certificates >&2
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
   fi
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/* \
