@@ -115,7 +115,7 @@ if [[ $(base_recipe) != "$BASE_RECIPE" ]]; then
   debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >&2
   if [[ ${#local_cas[@]} -gt 0 ]]; then
     cp "${local_cas[@]}" "$rootfs/usr/local/share/ca-certificates/"
-    chroot "$rootfs" update-ca-certificates >&2
+    TMPDIR=/tmp chroot "$rootfs" update-ca-certificates >&2
     printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
   fi
   rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/log/* \
@@ -171,14 +171,13 @@ fi
 json=()
 for target in "${targets[@]}"; do
   ref=localhost/finetune-operator/$target:$VERSION
-  revision=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
-  # buildah 1.28 reuses a cached LABEL step whose ${ARG} values changed (its cache key is the
-  # unexpanded instruction), which would leave the first build's revision in every later image:
-  # --label sets the two that change on the final image as well.
+  # VERSION and REVISION keep their defaults (the project's version, which
+  # tests/unit/test_dockerfile.py holds the default to, and "unknown"): buildah 1.28 reuses a cached LABEL step whose
+  # ${ARG} values changed (its cache key is the unexpanded instruction), so a commit passed as
+  # REVISION would stay the first build's in every later image, and --label is not applied when
+  # the last step of a multi-stage build comes from the cache.
   args=(--build-arg "OPERATOR_BASE=$BASE" --build-arg "TRAINER_BASE=$BASE"
-    --build-arg "TRAINER_PYTHON=$TRAINER_PYTHON" --build-arg "VERSION=$VERSION"
-    --build-arg "REVISION=$revision" --label "org.opencontainers.image.version=$VERSION"
-    --label "org.opencontainers.image.revision=$revision")
+    --build-arg "TRAINER_PYTHON=$TRAINER_PYTHON")
   volumes=()
   if [[ $target == trainer ]]; then
     # /mnt: a folder every base has, so the mount leaves no mountpoint behind in a layer.
