@@ -46,7 +46,7 @@ RELEASE = "finetune-operator"
 SYSTEM = "finetune-system"
 TEAM = "team-a"
 RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
-STEPS = 60  # 240 records, batch 2 x 2 accumulation
+STEPS = 300  # 1,200 records, batch 2 x 2 accumulation: long enough to stop it halfway
 T = TypeVar("T")
 
 
@@ -120,9 +120,12 @@ class User:
     def status(self, name: str) -> dict[str, Any]:
         return dict(self.ftj(name).get("status") or {})
 
+    def selector(self, name: str) -> str:
+        """The label the operator puts on a FineTuneJob's Job and pods."""
+        return f"finetune.dev/job-uid={self.ftj(name)['metadata']['uid']}"
+
     def pods(self, name: str) -> list[Any]:
-        selector = f"finetune.dev/job-name={name}"
-        return list(self.core.list_namespaced_pod(TEAM, label_selector=selector).items)
+        return list(self.core.list_namespaced_pod(TEAM, label_selector=self.selector(name)).items)
 
 
 def install_chart(user: User, images: dict[str, dict[str, Any]], workdir: Path) -> Any:
@@ -132,7 +135,10 @@ def install_chart(user: User, images: dict[str, dict[str, Any]], workdir: Path) 
     trainer_repo, trainer_tag = images["trainer"]["ref"].rsplit(":", 1)
     values = {
         "image": {"repository": operator_repo, "tag": operator_tag},
-        "trainer": {"image": {"repository": trainer_repo, "tag": trainer_tag}},
+        "trainer": {
+            "image": {"repository": trainer_repo, "tag": trainer_tag},
+            "progressInterval": 1,  # the tiny run takes a minute or two
+        },
         # The only node is a GPU node, tainted as GPU nodes are.
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     }
@@ -176,9 +182,12 @@ def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
 
 
 def get_wide(user: User, name: str) -> dict[str, str]:
-    lines = user.kubectl("get", "ftj", name, "-n", TEAM, "-o", "wide").splitlines()
-    header = lines[0].split()
-    return dict(zip(header, lines[1].split(maxsplit=len(header) - 1), strict=False))
+    """`kubectl get ftj NAME -o wide` as {column: cell}; cells are cut at the header's column
+    starts, since an empty cell leaves no word to split on."""
+    header, row = user.kubectl("get", "ftj", name, "-n", TEAM, "-o", "wide").splitlines()[:2]
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    ends = [*starts[1:], None]
+    return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
 
 
 def train_and_resume(user: User, volumes: Path) -> dict[str, Any]:
@@ -191,13 +200,16 @@ def train_and_resume(user: User, volumes: Path) -> dict[str, Any]:
         if row.get("PHASE") in ("Failed", "Succeeded"):
             raise ExpectationError(f"the job ended {row['PHASE']} early: {row.get('MESSAGE')}")
         progress = row.get("PROGRESS", "<none>")
-        if row.get("PHASE") == "Running" and progress.isdigit() and 0 < int(progress) < 60:
-            return row if row.get("LOSS") not in (None, "<none>") else None
+        if row.get("PHASE") == "Running" and progress.isdigit() and 10 <= int(progress) < 60:
+            return row if row.get("LOSS") not in (None, "", "<none>") else None
         return None
 
     row = wait_for(mid_run, 900, "progress and loss in kubectl get ftj", interval=2)
     log(f"kubectl get ftj: {row}")
-    (first,) = [p for p in user.pods("tiny") if p.status.phase == "Running"]
+    running = [p for p in user.pods("tiny") if p.status.phase == "Running"]
+    if len(running) != 1:
+        raise ExpectationError(f"expected one Running training pod, saw {len(running)}")
+    first = running[0]
     logs = user.kubectl("logs", "-n", TEAM, first.metadata.name)
     if "finetune_trainer.training: step" not in logs:
         raise ExpectationError(f"kubectl logs shows no training steps: {logs[-500:]!r}")
@@ -212,7 +224,7 @@ def train_and_resume(user: User, volumes: Path) -> dict[str, Any]:
     status = wait_for(ended, 1200, "the job to end", interval=3)
     if status["phase"] != "Succeeded":
         raise ExpectationError(f"the job ended {status['phase']}: {status.get('message')}")
-    (job,) = user.batch.list_namespaced_job(TEAM, label_selector="finetune.dev/job-name=tiny").items
+    (job,) = user.batch.list_namespaced_job(TEAM, label_selector=user.selector("tiny")).items
     if job.status.failed:
         raise ExpectationError(
             f"the deleted pod used up a retry (Job status.failed={job.status.failed})"
