@@ -233,12 +233,13 @@ def test_both_targets_exist_and_are_final_images() -> None:
         stage = BY_NAME[target]
         # A final stage starts from a base image, not from a builder with its tools.
         assert stage.base not in BY_NAME, f"{target} builds on stage {stage.base}"
-        # It ships the builder's virtual environment and nothing else from elsewhere.
+        # It ships a built virtual environment (and the trainer its project wheel, installed
+        # on top) and nothing else; nothing comes from the build context.
         copies = stage.copy_sources()
-        assert copies, f"{target} copies nothing"
+        assert [paths for _, paths in copies].count(["/opt/venv"]) == 1, copies
         for origin, paths in copies:
             assert origin in BY_NAME, f"{target} copies {paths} from the build context"
-            assert paths == ["/opt/venv"], f"{target} copies {paths} from {origin}"
+            assert paths in (["/opt/venv"], ["/wheels"]), f"{target} copies {paths} from {origin}"
 
 
 @pytest.mark.parametrize("target", ["operator", "trainer"])
@@ -402,7 +403,7 @@ def test_operator_requirements_have_no_trainer_packages() -> None:
 
 
 def test_trainer_requirements_come_from_the_trainer_extra() -> None:
-    command = extraction_command(BY_NAME["trainer-builder"])
+    command = extraction_command(BY_NAME["trainer-deps"])
     assert command[-1] == "trainer"
     listed = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, check=True
@@ -411,7 +412,7 @@ def test_trainer_requirements_come_from_the_trainer_extra() -> None:
 
 
 def test_trainer_gets_cuda_torch_pinned_from_the_cuda_index() -> None:
-    builder = BY_NAME["trainer-builder"]
+    builder = BY_NAME["trainer-deps"]
     lines = [builder.expand(run.args) for run in builder.each("RUN")]
     torch_installs = [line for line in lines if re.search(r"\btorch==", line)]
     assert torch_installs, "torch is not installed with an exact version"
@@ -424,16 +425,19 @@ def test_trainer_gets_cuda_torch_pinned_from_the_cuda_index() -> None:
     # Every later pip install is held to that build.
     later = [line for line in lines[lines.index(install) + 1 :] if "pip install" in line]
     assert later and all("-c /opt/torch-constraint.txt" in line for line in later)
-    assert any(re.search(r"'\./?\[trainer\]'", line) for line in later)
+    # The project's wheel comes without dependencies, so it cannot swap torch either.
+    for stage in (BY_NAME["trainer-builder"], BY_NAME["trainer"]):
+        installs = [stage.expand(r.args) for r in stage.each("RUN") if "pip install" in r.args]
+        assert installs and all("--no-deps" in line for line in installs), installs
     assert BY_NAME["trainer"].base.startswith("docker.io/nvidia/cuda:")
     assert "-runtime-" in BY_NAME["trainer"].base
 
 
 def test_both_trainer_stages_use_one_interpreter() -> None:
-    """The venv's interpreter (built in trainer-builder) must exist in the final stage: both
+    """The venv's interpreter (built in trainer-deps) must exist in the final stage: both
     install the same TRAINER_PYTHON, Ubuntu 24.04's python3.12 by default."""
     assert GLOBAL_ARGS["TRAINER_PYTHON"] == "python3.12"
-    builder, final = BY_NAME["trainer-builder"], BY_NAME["trainer"]
+    builder, final = BY_NAME["trainer-deps"], BY_NAME["trainer"]
     assert builder.base == final.base
     built = " ".join(builder.expand(run.args) for run in builder.each("RUN"))
     assert re.search(r"apt-get install .*\"?python3\.12\"? \"?python3\.12-venv\"?", built)
@@ -453,10 +457,18 @@ def test_labels_come_after_the_layers() -> None:
         assert all(ins.keyword not in {"RUN", "COPY"} for ins in instructions[label:])
 
 
-@pytest.mark.parametrize("builder", ["operator-builder", "trainer-builder"])
-def test_dependencies_install_before_the_source_is_copied(builder: str) -> None:
-    """pyproject.toml alone decides the dependency layer, so code edits reuse it."""
+@pytest.mark.parametrize(
+    ("deps", "builder"),
+    [("operator-builder", "operator-builder"), ("trainer-deps", "trainer-builder")],
+)
+def test_dependencies_install_before_the_source_is_copied(deps: str, builder: str) -> None:
+    """pyproject.toml alone decides the dependency layer, so code edits reuse it (the trainer's
+    dependencies are a stage of their own, which the final image copies as it is)."""
     instructions = BY_NAME[builder].instructions
+    if deps != builder:
+        assert BY_NAME[builder].base == deps
+        assert all("api/" not in ins.args for ins in BY_NAME[deps].instructions)
+        instructions = BY_NAME[deps].instructions + instructions
     copies = [(i, ins) for i, ins in enumerate(instructions) if ins.keyword == "COPY"]
     manifest = next(i for i, ins in copies if "pyproject.toml" in ins.args)
     source = next(i for i, ins in copies if "api/" in ins.args)
