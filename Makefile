@@ -45,7 +45,8 @@ test-training: setup ## Tiny-model training tests on CPU
 images: ## Build both images of the Dockerfile with buildah, export them for `ctr images import`
 	hack/images.sh
 
-test-e2e: setup images ## Checks on the built images (marker e2e; not part of `make test`)
+test-e2e: setup images ## The built images: checks inside them, then training in them on a real node (root; marker e2e)
+	hack/node-binaries.sh >/dev/null
 	$(PY) -m pytest -m e2e
 
 # The user's path on a real node: images built here, helm install, a FineTuneJob trained in

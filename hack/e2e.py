@@ -181,13 +181,17 @@ def tiny_job(name: str, training: dict[str, Any]) -> dict[str, Any]:
     return job
 
 
-def get_wide(user: User, name: str) -> dict[str, str]:
-    """`kubectl get ftj NAME -o wide` as {column: cell}; cells are cut at the header's column
-    starts, since an empty cell leaves no word to split on."""
-    header, row = user.kubectl("get", "ftj", name, "-n", TEAM, "-o", "wide").splitlines()[:2]
+def wide_row(table: str) -> dict[str, str]:
+    """The first row of `kubectl get ... -o wide` output as {column: cell}; cells are cut at the
+    header's column starts, since an empty cell leaves no word to split on."""
+    header, row = table.splitlines()[:2]
     starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
     ends = [*starts[1:], None]
     return {header[a:b].strip(): row[a:b].strip() for a, b in zip(starts, ends, strict=True)}
+
+
+def get_wide(user: User, name: str) -> dict[str, str]:
+    return wide_row(user.kubectl("get", "ftj", name, "-n", TEAM, "-o", "wide"))
 
 
 def train_and_resume(user: User, volumes: Path) -> dict[str, Any]:

@@ -242,6 +242,12 @@ class RealNode:
         containerd namespace; returns ctr's report."""
         return self.ctr("images", "import", str(archive))
 
+    def kill_container(self, container_id: str) -> None:
+        """SIGKILL to every process in a container (`containerd://ID` as a pod's status gives
+        it), at once, as the OOM killer or a dying node ends one; the kubelet reports exit 137."""
+        task = container_id.removeprefix("containerd://")
+        self.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", task)
+
     def _import_images(self, ctrd: Path, helpers: Path) -> None:
         images = self.root / "images"
         images.mkdir(exist_ok=True)

@@ -11,7 +11,6 @@ built, the fixture fails.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -326,110 +325,6 @@ def test_spec_suspend_of_a_queued_job_deactivates_its_workload(
     wait_for(lambda: phase(ns, "pause") == "Running", timeout=90, what="Running again",
              describe=lambda: status(ns, "pause"))  # fmt: skip
     assert workload(ns, "pause")["spec"].get("active") is not False
-
-
-# --- The real trainer under Kueue: preemption stops it with a checkpoint; re-admission resumes.
-
-IMAGE = "local/finetune-trainer:dev"
-
-
-@pytest.fixture
-def trained(
-    cluster: Cluster, gpu_nodes: dict[str, str], kueue: LocalKueue, tmp_path: Path
-) -> Iterator[tuple[Namespace, Path]]:
-    """As the end-to-end tests: namespace e-*, an operator of its own, and a stand-in kubelet
-    that runs the trainer as a local process (and stops it with SIGTERM when its pod is deleted).
-    ClusterQueue `solo`: one A100, preempting lower priorities."""
-    from podrunner import LocalRuntime
-    from tinymodel import build_tiny_model, write_corpus
-
-    solo = cluster_queue("solo", preempt=True)
-    solo["spec"]["resourceGroups"][0]["flavors"] = [
-        {"name": "ampere-a100", "resources": [{"name": "nvidia.com/gpu", "nominalQuota": 1}]}
-    ]
-    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(solo))
-    op = Operator(
-        cluster, tmp_path / "operator.log",
-        "--namespace", "e-*", "--trainer-image", IMAGE, "--progress-interval", "1",
-    ).start()  # fmt: skip
-    ns = make_namespace(cluster, tmp_path, prefix="e")
-    local_queue = {
-        "apiVersion": "/".join(KUEUE), "kind": "LocalQueue",
-        "metadata": {"name": "solo"}, "spec": {"clusterQueue": "solo"},
-    }  # fmt: skip
-    assert ns.apply(local_queue).returncode == 0
-    build_tiny_model(ns.volumes["models"] / "tiny-llama")
-    write_corpus(ns.volumes["data"] / "corpus" / "train.jsonl", repeat=8)
-    runtime_dir = tmp_path / "runtime"
-    server = str(yaml.safe_load(cluster.kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
-    runtime = LocalRuntime.for_trainer(cluster.core, server, IMAGE, runtime_dir)
-    try:
-        with FakeKubelet(cluster.api, runner=runtime, namespaces=lambda n: n.startswith("e-")):
-            try:
-                yield ns, runtime_dir
-            finally:
-                remove_namespace(ns)
-    finally:
-        op.stop()
-        cluster.kubectl("delete", "clusterqueue", "solo", "--wait=false", check=False)
-
-
-def tiny_queued_job(name: str, priority: str, records: int) -> dict[str, Any]:
-    from tinymodel import TINY_QLORA, tiny_finetunejob
-
-    training = {**TINY_QLORA, "num_input_records_to_sample": records}
-    job = tiny_finetunejob(name, training, "corpus/train.jsonl", ("out", f"adapters/{name}"))
-    job["metadata"]["labels"] = {QUEUE_LABEL: "solo"}
-    job["spec"]["placement"] = {"priorityClassName": priority}
-    job["spec"]["backoffLimit"] = 0  # a preemption that counted as a failure would end it
-    return job
-
-
-@pytest.mark.training
-def test_preempted_trainer_checkpoints_and_resumes_when_readmitted(
-    trained: tuple[Namespace, Path],
-) -> None:
-    ns, runtime_dir = trained
-    steps = 60  # ceil(240 / (2 x 2))
-    assert ns.apply(tiny_queued_job("low", "ftj-low", 240)).returncode == 0
-
-    def progressed() -> bool:
-        progress = status(ns, "low").get("progress") or {}
-        return int(progress.get("step") or 0) >= 8
-
-    wait_for(progressed, timeout=300, interval=1, what="low training past step 8",
-             describe=lambda: status(ns, "low"))  # fmt: skip
-    first = running_pod(ns, "low")
-    assert ns.apply(tiny_queued_job("high", "ftj-high", 16)).returncode == 0
-
-    def preempted() -> dict[str, Any] | None:
-        s = status(ns, "low")
-        return s if s.get("phase") == "Queued" and "Preempted" in s.get("message", "") else None
-
-    wait_for(preempted, timeout=120, what="low preempted",
-             describe=lambda: (status(ns, "low"), status(ns, "high")))  # fmt: skip
-    wait_for(lambda: phase(ns, "high") in ("Admitted", "Running", "Succeeded"), timeout=120,
-             what="high admitted", describe=lambda: status(ns, "high"))  # fmt: skip
-    # The preempted trainer stopped on SIGTERM with a checkpoint (its own words in its log)
-    # before its pod was gone.
-    wait_for(lambda: all(p.metadata.uid != first.metadata.uid for p in ns.pods("low")),
-             timeout=300, what="the preempted pod gone")  # fmt: skip
-    first_log = (runtime_dir / f"{ns.name}-{first.metadata.name}.log").read_text()
-    assert "a retry resumes from checkpoint-" in first_log, first_log[-3000:]
-    # The high-priority job leaves: Kueue admits the preempted one again.
-    ns.cluster.kubectl("delete", "ftj", "high", "-n", ns.name, "--wait=true", "--timeout=120s")
-    wait_for(lambda: phase(ns, "low") in ("Succeeded", "Failed"), timeout=600, interval=1,
-             what="low to finish", describe=lambda: status(ns, "low"))  # fmt: skip
-    final = status(ns, "low")
-    assert final["phase"] == "Succeeded", final
-    assert final["result"]["steps"] == steps
-    assert final["queue"]["evictions"] >= 1
-    summary = json.loads(
-        (ns.volumes["out"] / "adapters" / "low" / "training_summary.json").read_text()
-    )
-    assert summary["steps"] == steps and summary["resumed_from"].startswith("checkpoint-")
-    (job,) = [j for j in ns.jobs() if j.metadata.name == "low-train"]
-    assert not job.status.failed, "the preemption used up a retry"
 
 
 def test_a_multi_node_job_is_one_workload_admitted_whole_or_not_at_all(
