@@ -3,8 +3,10 @@
 containerd 2.x (config v3, cgroupfs, runc built from its Go module), a CNI bridge (10.244.0.0/24, masquerade),
 the kubelet (cgroup v1 allowed: `failCgroupV1: false`), kube-proxy (iptables mode), and a device
 plugin that advertises `nvidia.com/gpu`; the node carries GPU Feature Discovery's labels of one
-GPU model (hack/gpusim.py) and its taint. The pause image and the test image are built here
-(hack/nodeimages, hack/ociimage.py) and imported with `ctr`; nothing is pulled. Needs root.
+GPU model (hack/gpusim.py) and its taint, and CoreDNS as the cluster DNS (hack/nodedns.py: a
+Deployment behind the kube-dns Service that the kubelet's clusterDNS names). The pause image, the
+test image and CoreDNS's are built here (hack/nodeimages, hack/coredns, hack/ociimage.py) and
+imported with `ctr`; nothing is pulled. Needs root.
 Everything lives under a directory of the caller's choice; `stop()` removes every process,
 mount, iptables chain, the bridge and the sysctls it changed.
 

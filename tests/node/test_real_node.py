@@ -220,6 +220,12 @@ def test_cluster_dns_runs_as_a_deployment_behind_kube_dns(
     assert [p.status.phase for p in pods] == ["Running"]
     assert pods[0].spec.security_context.run_as_non_root
     assert pods[0].status.container_statuses[0].image == DNS_IMAGE
+    apps = client.AppsV1Api(node_cluster.api)
+    deployment = apps.read_namespaced_deployment(nodedns.NAME, "kube-system")
+    available = {c.type: c for c in deployment.status.conditions}["Available"]
+    assert available.status == "True"
+    took = (available.last_transition_time - deployment.metadata.creation_timestamp).seconds
+    print(f"CoreDNS Available {took} s after its Deployment was created")  # -rP shows it
 
 
 def test_cluster_dns_resolves_the_kubernetes_service(node_cluster: Cluster, ns: str) -> None:
@@ -363,7 +369,7 @@ def test_device_plugin_registers_again_after_kubelet_restart(
     body = probe_pod("after-restart", ["env", "NVIDIA_VISIBLE_DEVICES"],
                      resources={"limits": {"nvidia.com/gpu": "1"}})  # fmt: skip
     pod = run_pod(node_cluster, ns, body)
-    assert pod.status.phase == "Succeeded"
+    assert pod.status.phase == "Succeeded", (pod.status.reason, pod.status.message)
     logs = node_cluster.kubectl("logs", "after-restart", "-n", ns).stdout
     assert logs == "NVIDIA_VISIBLE_DEVICES=GPU-finetune-0\n"
 
