@@ -11,6 +11,10 @@
 #   ~/.cache/finetune-operator/containerd-vX.Y.Z.
 # - hack/nodeimages (pause, the in-cluster probe, the device plugin): static Go programs, built
 #   once per source version into ~/.cache/finetune-operator/nodeimages-<digest>.
+# - CoreDNS (hack/coredns: a main of our own over the Go module github.com/coredns/coredns, only
+#   the plugins the cluster DNS uses; its own module, apart from hack/nodeimages, so CoreDNS's
+#   dependency set does not move the helpers'): static, built once per source version into
+#   ~/.cache/finetune-operator/coredns-<digest>.
 # - runc ($RUNC_VERSION) from its Go module github.com/opencontainers/runc, with cgo and the
 #   `seccomp` tag (linked to Debian's libseccomp: the RuntimeDefault profile needs it), into
 #   ~/.cache/finetune-operator/runc-vX.Y.Z: the release line containerd's own CI runs
@@ -21,8 +25,8 @@
 #   portmap), iptables (kube-proxy's iptables mode and the bridge plugin's masquerade rule),
 #   conntrack (kube-proxy clears stale UDP entries with it), libseccomp-dev and pkg-config (runc).
 #
-# One build per cache at a time (flock). Prints four lines: the Kubernetes cache, the containerd
-# cache, the runc cache, the node-helper cache.
+# One build per cache at a time (flock). Prints five lines: the Kubernetes cache, the containerd
+# cache, the runc cache, the node-helper cache, the CoreDNS cache.
 set -euo pipefail
 
 HACK=$(cd "$(dirname "$0")" && pwd)
@@ -86,7 +90,22 @@ if [[ ! -x $helpers/pause || ! -x $helpers/kubeprobe || ! -x $helpers/gpu-device
   (cd "$HACK/nodeimages" && CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$helpers/" \
     ./cmd/pause ./cmd/kubeprobe ./cmd/gpu-device-plugin) >&2
 fi
+exec 7>&-
+
+digest=$(cd "$HACK/coredns" && cat go.mod go.sum ./*.go | sha256sum | cut -c1-16)
+dns="$root/coredns-$digest"
+mkdir -p "$dns"
+exec 5>"$dns/.lock"
+flock 5
+if [[ ! -x $dns/coredns ]]; then
+  log "building CoreDNS from its Go module (hack/coredns, one time)"
+  (cd "$HACK/coredns" && nice -n 10 env CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" \
+    -o "$dns/coredns.tmp" . && mv "$dns/coredns.tmp" "$dns/coredns") >&2
+fi
+exec 5>&-
+
 echo "$kube_cache"
 echo "$ctrd"
 echo "$runc"
 echo "$helpers"
+echo "$dns"

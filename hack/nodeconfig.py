@@ -5,11 +5,17 @@ host's resolv.conf."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
+from localcluster import SERVICE_CIDR
+
 PAUSE_IMAGE = "localhost/finetune-node/pause:local"
 PROBE_IMAGE = "localhost/finetune-node/kubeprobe:local"
+DNS_IMAGE = "localhost/finetune-node/coredns:local"
+# The cluster DNS Service's ClusterIP: the tenth address of the service CIDR, as kubeadm picks it.
+DNS_IP = str(ipaddress.ip_network(SERVICE_CIDR)[10])
 NETWORK = "finetune-node"  # the CNI network's name: its iptables rules carry it in a comment
 BRIDGE = "ftnode0"
 POD_CIDR = "10.244.0.0/24"
@@ -109,6 +115,7 @@ def kubelet_settings(
         "podLogsDir": str(root / "pod-logs"),
         "resolvConf": "/etc/resolv.conf",
         "clusterDomain": "cluster.local",
+        "clusterDNS": [DNS_IP],  # CoreDNS behind the kube-dns Service (hack/nodedns.py)
         # The machine's disk is shared and fairly full: evict only when nearly out of room.
         "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%",
                          "imagefs.available": "1%", "nodefs.inodesFree": "1%"},

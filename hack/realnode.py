@@ -3,8 +3,10 @@
 containerd 2.x (config v3, cgroupfs, runc built from its Go module), a CNI bridge (10.244.0.0/24, masquerade),
 the kubelet (cgroup v1 allowed: `failCgroupV1: false`), kube-proxy (iptables mode), and a device
 plugin that advertises `nvidia.com/gpu`; the node carries GPU Feature Discovery's labels of one
-GPU model (hack/gpusim.py) and its taint. The pause image and the test image are built here
-(hack/nodeimages, hack/ociimage.py) and imported with `ctr`; nothing is pulled. Needs root.
+GPU model (hack/gpusim.py) and its taint, and CoreDNS as the cluster DNS (hack/nodedns.py: a
+Deployment behind the kube-dns Service that the kubelet's clusterDNS names). The pause image, the
+test image and CoreDNS's are built here (hack/nodeimages, hack/coredns, hack/ociimage.py) and
+imported with `ctr`; nothing is pulled. Needs root.
 Everything lives under a directory of the caller's choice; `stop()` removes every process,
 mount, iptables chain, the bridge and the sysctls it changed.
 
@@ -36,8 +38,9 @@ from urllib.parse import urlsplit
 
 import nodeclean
 import nodeconfig
+import nodedns
 from kubernetes import client, config
-from nodeconfig import BRIDGE, NETWORK, PAUSE_IMAGE, PROBE_IMAGE
+from nodeconfig import BRIDGE, DNS_IMAGE, NETWORK, PAUSE_IMAGE, PROBE_IMAGE
 from ociimage import ImageFile, write_image
 
 from gpusim import GPU_TYPES, gfd_labels
@@ -50,6 +53,7 @@ HOST_DIRS = ("/var/lib/kubelet", "/var/log/containers", "/run/containerd")
 # One real node per machine: the kubepods cgroups, the device-plugin directory and kube-proxy's
 # chains are machine-wide. The file names the node directory that owns the machine.
 OWNER = Path("/run/finetune-realnode.owner")
+SERIALIZE = client.ApiClient().sanitize_for_serialization
 SYSCTLS = ("net/ipv4/ip_forward", "net/bridge/bridge-nf-call-iptables")
 
 
@@ -72,16 +76,16 @@ def can_lower_oom_score_adj() -> bool:
     return False
 
 
-def find_node_binaries() -> tuple[Path, Path, Path, Path]:
-    """(Kubernetes cache, containerd cache, runc cache, node-helper cache), built once by
-    node-binaries.sh."""
+def find_node_binaries() -> tuple[Path, Path, Path, Path, Path]:
+    """(Kubernetes cache, containerd cache, runc cache, node-helper cache, CoreDNS cache), built
+    once by node-binaries.sh."""
     result = subprocess.run(
         ["bash", str(HACK / "node-binaries.sh")], capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise ClusterError(f"cannot provide the node's binaries: {result.stderr.strip()}")
-    kube, containerd, runc, helpers = result.stdout.strip().splitlines()[-4:]
-    return Path(kube), Path(containerd), Path(runc), Path(helpers)
+    kube, containerd, runc, helpers, dns = result.stdout.strip().splitlines()[-5:]
+    return Path(kube), Path(containerd), Path(runc), Path(helpers), Path(dns)
 
 
 @dataclass
@@ -143,7 +147,7 @@ class RealNode:
         return self
 
     def _start(self, timeout: float) -> None:
-        kube, ctrd, runc, helpers = find_node_binaries()
+        kube, ctrd, runc, helpers, dns = find_node_binaries()
         (self.root / "logs").mkdir(parents=True, exist_ok=True)
         self._save_state(kube=str(kube), containerd=str(ctrd),
                          host_dirs={d: Path(d).exists() for d in HOST_DIRS}, sysctls=nodeclean.read_sysctls(SYSCTLS),
@@ -152,7 +156,7 @@ class RealNode:
         nodeclean.write_sysctls(dict.fromkeys(SYSCTLS, "1"))
         self._write_cni()
         self._start_containerd(ctrd, self.runc or runc / "runc")
-        self._import_images(ctrd, helpers)
+        self._import_images(ctrd, helpers, dns)
         self._start_kubelet(kube)
         self._spawn("gpu-device-plugin", [
             str(helpers / "gpu-device-plugin"), "-dir", str(DEVICE_PLUGINS),
@@ -160,6 +164,24 @@ class RealNode:
         ])  # fmt: skip
         self._start_kube_proxy(kube)
         self._wait_ready(timeout)
+        self._start_dns()
+
+    def _start_dns(self) -> None:
+        """CoreDNS as the cluster's DNS (hack/nodedns.py): a Deployment behind the kube-dns
+        Service at the kubelet's clusterDNS address."""
+        api = config.new_client_from_config(str(self.cluster.kubeconfig))
+        self._save_state(dns=True)
+        nodedns.install(api)
+        try:
+            nodedns.wait_available(api)
+        except TimeoutError as err:
+            pods = (
+                self.api()
+                .list_namespaced_pod(nodedns.NAMESPACE, label_selector="k8s-app=kube-dns")
+                .items
+            )
+            statuses = [SERIALIZE(p.status.container_statuses) for p in pods]
+            raise ClusterError(f"{err}; its pods' container statuses: {statuses}") from None
 
     def _claim_machine(self) -> None:
         try:
@@ -248,15 +270,16 @@ class RealNode:
         task = container_id.removeprefix("containerd://")
         self.ctr("tasks", "kill", "--all", "--signal", "SIGKILL", task)
 
-    def _import_images(self, ctrd: Path, helpers: Path) -> None:
+    def _import_images(self, ctrd: Path, helpers: Path, dns: Path) -> None:
         images = self.root / "images"
         images.mkdir(exist_ok=True)
-        for name, binary, user in (
-            (PAUSE_IMAGE, "pause", "65535:65535"),
-            (PROBE_IMAGE, "kubeprobe", "65534:65534"),
+        for name, source, binary, user in (
+            (PAUSE_IMAGE, helpers, "pause", "65535:65535"),
+            (PROBE_IMAGE, helpers, "kubeprobe", "65534:65534"),
+            (DNS_IMAGE, dns, "coredns", "65532:65532"),
         ):
             archive = images / f"{binary}.tar"
-            write_image(archive, name, [ImageFile(f"/{binary}", helpers / binary)],
+            write_image(archive, name, [ImageFile(f"/{binary}", source / binary)],
                         [f"/{binary}"], user)  # fmt: skip
             self._ctr(ctrd, "images", "import", "--local", str(archive))
 
@@ -338,6 +361,10 @@ class RealNode:
             return
         state = json.loads(path.read_text())
         pids: dict[str, int] = state.get("pids", {})
+        if state.get("dns"):
+            # Before the drain: the Deployment would put its pod back on the draining node.
+            with contextlib.suppress(Exception):
+                nodedns.uninstall(config.new_client_from_config(str(self.cluster.kubeconfig)))
         if "kubelet" in pids:
             with contextlib.suppress(Exception):
                 self._drain(self.api())

@@ -2,7 +2,7 @@
 
 One control plane that binds this machine's address (so the `kubernetes` Service reaches it from
 pods) and one RealNode (hack/realnode.py): the kubelet, containerd 2.x with runc, a CNI bridge,
-kube-proxy and a device plugin for nvidia.com/gpu. Pods run the shell-free `kubeprobe` image built
+kube-proxy, a device plugin for nvidia.com/gpu and CoreDNS as the cluster DNS. Pods run the shell-free `kubeprobe` image built
 from hack/nodeimages. The last test tears the node down and checks it left nothing behind.
 Needs root (containerd, runc, iptables, mounts).
 """
@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import nodeclean
+import nodedns
 import pytest
 from kubernetes import client, watch
+from nodeconfig import DNS_IMAGE, DNS_IP
 from realnode import (
     BRIDGE,
     HOST_DIRS,
@@ -205,6 +207,66 @@ def test_service_routes_from_the_host_to_a_pod(node_cluster: Cluster, ns: str) -
     assert wait_for(answer, timeout=60, what=f"an answer from {ip}:80") == "hello from server\n"
 
 
+def test_cluster_dns_runs_as_a_deployment_behind_kube_dns(
+    node_cluster: Cluster, node: RealNode
+) -> None:
+    service = node_cluster.core.read_namespaced_service(nodedns.SERVICE, "kube-system")
+    assert service.spec.cluster_ip == DNS_IP == "10.0.0.10"
+    assert {(p.port, p.target_port, p.protocol) for p in service.spec.ports} == {
+        (53, nodedns.PORT, "UDP"), (53, nodedns.PORT, "TCP")}  # fmt: skip
+    pods = node_cluster.core.list_namespaced_pod(
+        "kube-system", label_selector="k8s-app=kube-dns"
+    ).items
+    assert [p.status.phase for p in pods] == ["Running"]
+    assert pods[0].spec.security_context.run_as_non_root
+    assert pods[0].status.container_statuses[0].image == DNS_IMAGE
+    apps = client.AppsV1Api(node_cluster.api)
+    deployment = apps.read_namespaced_deployment(nodedns.NAME, "kube-system")
+    available = {c.type: c for c in deployment.status.conditions}["Available"]
+    assert available.status == "True"
+    took = (available.last_transition_time - deployment.metadata.creation_timestamp).seconds
+    print(f"CoreDNS Available {took} s after its Deployment was created")  # -rP shows it
+
+
+def test_cluster_dns_resolves_the_kubernetes_service(node_cluster: Cluster, ns: str) -> None:
+    """The kubelet writes clusterDNS and the search path into the pod's resolv.conf; the full
+    name and the short one (through `svc.cluster.local` in the search path) both resolve."""
+    ip = node_cluster.core.read_namespaced_service("kubernetes", "default").spec.cluster_ip
+    names = ["kubernetes.default.svc.cluster.local", "kubernetes.default"]
+    pod = run_pod(node_cluster, ns, probe_pod("resolver", ["resolve", *names]))
+    logs = node_cluster.kubectl("logs", "resolver", "-n", ns).stdout
+    assert pod.status.phase == "Succeeded", logs
+    assert logs == "".join(f"{name} {ip}\n" for name in names)
+
+
+def test_names_outside_the_cluster_fail_at_once(node_cluster: Cluster, ns: str) -> None:
+    """No upstream here: CoreDNS answers NXDOMAIN for other names, after the search path."""
+    names = ["example.com", "no-such-service", "no-such-service.default.svc.cluster.local"]
+    pod = run_pod(node_cluster, ns, probe_pod("outside", ["unresolvable", *names]))
+    logs = node_cluster.kubectl("logs", "outside", "-n", ns).stdout
+    assert pod.status.phase == "Succeeded", logs
+    found = re.findall(r"^(\S+) not found in (\d+) ms$", logs, re.MULTILINE)
+    assert [name for name, _ in found] == names, logs
+    assert all(int(ms) < 2000 for _, ms in found), logs
+
+
+def test_pod_hostname_under_a_headless_service_resolves(node_cluster: Cluster, ns: str) -> None:
+    """What an Indexed Job's pods do: `hostname` + `subdomain` naming a headless Service give
+    the pod the name HOSTNAME.SUBDOMAIN, which another pod resolves through its search path."""
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "duo-workers"},
+               "spec": {"clusterIP": "None", "selector": {"app": "duo"},
+                        "ports": [{"name": "rdzv", "port": 29400}]}}  # fmt: skip
+    node_cluster.core.create_namespaced_service(ns, service)
+    body = probe_pod("duo-pod-0", ["serve", "29400"])
+    body["metadata"]["labels"] = {"app": "duo"}
+    body["spec"].update(hostname="duo-train-0", subdomain="duo-workers")
+    target = run_pod(node_cluster, ns, body, phase="Running")
+    pod = run_pod(node_cluster, ns, probe_pod("peer", ["resolve", "duo-train-0.duo-workers"]))
+    logs = node_cluster.kubectl("logs", "peer", "-n", ns).stdout
+    assert pod.status.phase == "Succeeded", logs
+    assert logs == f"duo-train-0.duo-workers {target.status.pod_ip}\n"
+
+
 def test_termination_message_from_file(node_cluster: Cluster, ns: str) -> None:
     pod = run_pod(node_cluster, ns, probe_pod("msg", ["message", "3", "bad config: rank"]))
     assert pod.status.phase == "Failed"
@@ -307,7 +369,7 @@ def test_device_plugin_registers_again_after_kubelet_restart(
     body = probe_pod("after-restart", ["env", "NVIDIA_VISIBLE_DEVICES"],
                      resources={"limits": {"nvidia.com/gpu": "1"}})  # fmt: skip
     pod = run_pod(node_cluster, ns, body)
-    assert pod.status.phase == "Succeeded"
+    assert pod.status.phase == "Succeeded", (pod.status.reason, pod.status.message)
     logs = node_cluster.kubectl("logs", "after-restart", "-n", ns).stdout
     assert logs == "NVIDIA_VISIBLE_DEVICES=GPU-finetune-0\n"
 

@@ -10,19 +10,28 @@
 //	                             termination message file and exit 0
 //	kubeprobe fail CODE TEXT...  print TEXT on stdout, exit CODE (FallbackToLogsOnError)
 //	kubeprobe message CODE TEXT  write TEXT to the termination message file, exit CODE
+//	kubeprobe resolve NAME...    look each NAME up (Go's own resolver, /etc/resolv.conf and its
+//	                             search path), again until it resolves (30 s at most); print
+//	                             "NAME ADDR..." sorted, exit 1 if one never resolved
+//	kubeprobe unresolvable NAME...
+//	                             look each NAME up once; print "NAME not found in MS ms" or
+//	                             "NAME ADDR...", exit 1 if one resolved or failed otherwise
 package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -93,6 +102,58 @@ func whoami() error {
 	return nil
 }
 
+// resolver is Go's own (no cgo in this static binary either way): it reads /etc/resolv.conf,
+// with the search path and ndots the kubelet wrote there.
+var resolver = &net.Resolver{PreferGo: true}
+
+func lookup(name string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	addrs, err := resolver.LookupHost(ctx, name)
+	sort.Strings(addrs)
+	return addrs, err
+}
+
+func resolve(names []string) int {
+	code := 0
+	for _, name := range names {
+		deadline := time.Now().Add(30 * time.Second)
+		addrs, err := lookup(name)
+		for err != nil && time.Now().Before(deadline) {
+			time.Sleep(500 * time.Millisecond)
+			addrs, err = lookup(name)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "kubeprobe:", err)
+			code = 1
+			continue
+		}
+		fmt.Println(name, strings.Join(addrs, " "))
+	}
+	return code
+}
+
+func unresolvable(names []string) int {
+	code := 0
+	for _, name := range names {
+		start := time.Now()
+		addrs, err := lookup(name)
+		took := time.Since(start).Milliseconds()
+		var dnsErr *net.DNSError
+		switch {
+		case err == nil:
+			fmt.Println(name, strings.Join(addrs, " "))
+			code = 1
+		case errors.As(err, &dnsErr) && dnsErr.IsNotFound:
+			fmt.Printf("%s not found in %d ms\n", name, took)
+		default:
+			fmt.Fprintf(os.Stderr, "kubeprobe: %v after %d ms\n", err, took)
+			code = 1
+		}
+	}
+	return code
+}
+
 func exitCode(arg string) int {
 	code, err := strconv.Atoi(arg)
 	if err != nil {
@@ -104,7 +165,7 @@ func exitCode(arg string) int {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|serve|whoami|wait|fail|message ...")
+		fmt.Fprintln(os.Stderr, "usage: kubeprobe print|env|serve|whoami|wait|fail|message|resolve|unresolvable ...")
 		os.Exit(64)
 	}
 	args := os.Args[2:]
@@ -157,6 +218,10 @@ func main() {
 			os.Exit(1)
 		}
 		os.Exit(exitCode(args[0]))
+	case "resolve":
+		os.Exit(resolve(args))
+	case "unresolvable":
+		os.Exit(unresolvable(args))
 	default:
 		fmt.Fprintf(os.Stderr, "kubeprobe: unknown command %q\n", os.Args[1])
 		os.Exit(64)
