@@ -271,10 +271,9 @@ class FakeKubelet:
     """Plays the kubelet for simulated nodes, in a background thread.
 
     auto_start: report bound pods Running as soon as they are bound.
-    runner: when set, called in a thread for each bound pod (e.g. to execute its command); it
-    returns (exit_code, termination_message) and the pod is finished with them.
-    namespaces: which namespaces' pods this kubelet plays (all when None), so that two kubelets
-    can share the simulated nodes.
+    runner: when set, called in a thread for each bound pod (`make demo` executes its command
+    with hack/podrunner.py); it returns (exit_code, termination_message) and the pod is finished
+    with them.
     stop_delay: seconds a deleted pod's container takes to stop.
     """
 
@@ -283,13 +282,11 @@ class FakeKubelet:
         api: client.ApiClient,
         auto_start: bool = True,
         runner: Callable[[Any], tuple[int, str]] | None = None,
-        namespaces: Callable[[str], bool] | None = None,
         stop_delay: float = 1.5,
     ) -> None:
         self.core = client.CoreV1Api(api)
         self.auto_start = auto_start
         self.runner = runner
-        self.namespaces = namespaces
         self._stop = threading.Event()
         self.stop_delay = stop_delay
         self._seen: set[str] = set()
@@ -326,8 +323,6 @@ class FakeKubelet:
 
     def _handle(self, pod: Any) -> None:
         node = pod.spec.node_name
-        if self.namespaces is not None and not self.namespaces(pod.metadata.namespace):
-            return
         if not node or node not in self._simulated_nodes():
             return
         key = pod.metadata.uid

@@ -1,5 +1,9 @@
 """Run a pod's container as a local process, the way a kubelet and container runtime would.
 
+`make demo`'s quick path only, a stop-gap: it runs jobs without building the images first. Every
+test that runs the trainer in a pod runs the trainer image on a real node instead (tests/e2e,
+hack/realnode.py), where the kubelet, containerd and cluster DNS are the real ones.
+
 For the local control plane only (no container engine here): the container's command runs in a
 private mount and UTS namespace (`unshare --mount --uts`, so root is needed) where
 

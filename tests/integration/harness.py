@@ -141,10 +141,9 @@ def gpu_nodes(cluster: Cluster) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def kubelet(cluster: Cluster, gpu_nodes: dict[str, str]) -> Iterator[FakeKubelet]:
-    # Namespaces e-* belong to the end-to-end tests, which bring a kubelet that runs the trainer.
-    with FakeKubelet(
-        cluster.api, auto_start=True, namespaces=lambda ns: not ns.startswith("e-")
-    ) as fake:
+    # It reports pods' states; no test here runs the trainer (tests/e2e runs the trainer image on
+    # a real node).
+    with FakeKubelet(cluster.api, auto_start=True) as fake:
         yield fake
 
 
