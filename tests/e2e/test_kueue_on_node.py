@@ -72,6 +72,7 @@ def solo(
 
 def tiny_queued_job(name: str, priority: str, records: int) -> dict[str, Any]:
     job = tiny_job(name, {**TINY_QLORA, "num_input_records_to_sample": records})
+    del job["spec"]["resources"]  # GPUs only: the ClusterQueue covers no CPU or memory
     job["metadata"]["labels"] = {QUEUE_LABEL: "solo"}
     job["spec"]["placement"] = {"priorityClassName": priority}
     job["spec"]["backoffLimit"] = 0  # a preemption that counted as a failure would end it
