@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help setup demo test test-unit test-integration test-node test-training test-oldest test-e2e \
 	images e2e verify lint typecheck crds crds-check chart-lint cluster-up cluster-down node-up node-down \
-	bench bench-operator bench-trainer
+	bench bench-operator bench-trainer bench-scale
 
 # The Kubernetes release the local control plane runs: the newest we pin by default
 # (hack/kube-versions.sh). `make test KUBE_VERSION=1.34.4` runs against the oldest we support.
@@ -100,6 +100,12 @@ crds-check:
 
 bench-operator: setup ## Operator benchmark: apply->Job latency against a bare client, a 1,000-job burst
 	$(PY) hack/bench_operator.py
+
+# KWOK plays --nodes fake GPU nodes, the operator gets --jobs FineTuneJobs at once (hack/bench_scale.py;
+# BENCH_SCALE_ARGS="--nodes 100 --jobs 500" for a smaller run). Not part of `make bench`: the
+# default size takes a long while on 2 cores.
+bench-scale: setup ## 1,000 KWOK GPU nodes, 5,000 FineTuneJobs: time to place all, operator CPU/RSS
+	PYTHONPATH=$(CURDIR)/api:$(CURDIR)/operator:$(CURDIR)/hack $(PY) hack/bench_scale.py $(BENCH_SCALE_ARGS)
 
 cluster-up: setup ## Start the local control plane (.cluster/kubeconfig)
 	$(PY) hack/localcluster.py up .cluster
