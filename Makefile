@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help setup demo test test-unit test-integration test-node test-training test-oldest test-e2e \
+.PHONY: help setup demo test test-unit test-integration test-node test-training test-oldest test-e2e test-scale \
 	images e2e verify lint typecheck crds crds-check chart-lint cluster-up cluster-down node-up node-down \
 	bench bench-operator bench-trainer bench-scale
 
@@ -39,6 +39,10 @@ test-node: setup ## A real kubelet with containerd on this machine (root): tests
 
 test-training: setup ## Tiny-model training tests on CPU
 	$(PY) -m pytest -m training
+
+test-scale: setup ## KWOK's fake GPU nodes: jobs placed on compatible GPUs or waiting (builds KWOK once)
+	hack/kwok-binaries.sh >/dev/null
+	$(PY) -m pytest -m scale
 
 # Both images with buildah (root): the first build downloads torch and takes many minutes, an
 # unchanged rebuild seconds. Archives in ~/.cache/finetune-operator/images; JSON on the last line.

@@ -9,8 +9,6 @@
 #     FINETUNE_SETUP_KUBE_VERSIONS="1.37.2 1.34.4" builds several.
 #   - the Kueue controller manager and its CRDs (the release pinned in hack/kueue-binaries.sh),
 #     built from its Go module into ~/.cache once, for tests/integration/test_kueue.py.
-#   - the KWOK controller and its stages (hack/kwok-binaries.sh), built the same way, for
-#     tests/integration/test_kwok_scale.py and `make bench-scale`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,5 +48,4 @@ for version in ${FINETUNE_SETUP_KUBE_VERSIONS:-${KUBE_VERSION:-$KUBE_VERSION_NEW
   KUBE_VERSION=$version hack/kube-binaries.sh >/dev/null
 done
 hack/kueue-binaries.sh >/dev/null
-hack/kwok-binaries.sh >/dev/null
 log "ready"

@@ -1,11 +1,8 @@
-"""The e2e tier builds the container images (tens of minutes and ~15 GB the first time), so it
-runs only when asked for: `-m` naming e2e (`make test-e2e`), or tests/e2e named on the command
-line. Otherwise its tests are deselected, also from `make test` and the unit-tier selection.
-
-Its fixtures: the images (hack/images.sh), and for the tests that train in the trainer image one
-control plane on this machine's address with one real node (hack/realnode.py: kubelet,
-containerd, runc, CNI, kube-proxy, cluster DNS) carrying an H100's labels and two
-`nvidia.com/gpu` from the device plugin, the trainer image imported into its containerd.
+"""Fixtures of the e2e tier (opt-in: tests/conftest.py): the images (hack/images.sh), and for the
+tests that train in the trainer image one control plane on this machine's address with one real
+node (hack/realnode.py: kubelet, containerd, runc, CNI, kube-proxy, cluster DNS) carrying an
+H100's labels and two `nvidia.com/gpu` from the device plugin, the trainer image imported into
+its containerd.
 """
 
 from __future__ import annotations
@@ -27,17 +24,6 @@ from localcluster import LocalCluster
 from nodetier import NODE
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    markexpr = str(config.getoption("markexpr") or "")
-    named = any("e2e" in str(arg) for arg in config.args)
-    if "e2e" in markexpr.replace("not e2e", "") or named:
-        return
-    deselected = [item for item in items if item.get_closest_marker("e2e")]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("e2e")]
 
 
 @pytest.fixture(scope="session")

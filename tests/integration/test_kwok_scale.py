@@ -10,7 +10,8 @@ import pytest
 
 import bench_scale
 
-pytestmark = pytest.mark.integration
+# Opt-in (tests/conftest.py): KWOK's build takes minutes, more than CI's time budget has left.
+pytestmark = [pytest.mark.integration, pytest.mark.scale]
 
 
 def test_jobs_beyond_capacity_wait_and_placed_ones_fit(tmp_path: Path) -> None:
