@@ -351,12 +351,15 @@ def test_device_plugin_registers_again_after_kubelet_restart(
     node_cluster: Cluster, node: RealNode, ns: str
 ) -> None:
     plugin_log = node.root / "logs" / "gpu-device-plugin.log"
-    registrations = plugin_log.read_text().count("registered nvidia.com/gpu")
+    lists = plugin_log.read_text().count("listed 1 devices to the kubelet")
     node.restart("kubelet")
+    # The node object may still carry the allocatable of the kubelet before the restart, so what
+    # tells that the new kubelet can admit a GPU pod is the plugin having sent it its devices
+    # (ListAndWatch), which comes after registering again.
     wait_for(
-        lambda: plugin_log.read_text().count("registered nvidia.com/gpu") > registrations,
+        lambda: plugin_log.read_text().count("listed 1 devices to the kubelet") > lists,
         timeout=90,
-        what="the device plugin registering with the restarted kubelet",
+        what="the device plugin registering with the restarted kubelet and listing its devices",
         describe=lambda: plugin_log.read_text()[-2000:],
     )
 

@@ -38,6 +38,9 @@ func (p *plugin) ListAndWatch(_ *pluginapi.Empty, stream pluginapi.DevicePlugin_
 	if err := stream.Send(&pluginapi.ListAndWatchResponse{Devices: p.devices}); err != nil {
 		return err
 	}
+	// The kubelet admits pods asking for the resource only once it has this list: registering
+	// alone is not enough (a pod admitted in between fails with UnexpectedAdmissionError).
+	log.Printf("listed %d devices to the kubelet", len(p.devices))
 	<-stream.Context().Done()
 	return nil
 }
