@@ -157,6 +157,8 @@ def test_trainer_image_has_no_operator(containers: dict[str, str]) -> None:
     names = {path.name.lower() for path in site_packages(containers["trainer"]).iterdir()}
     assert "finetune_trainer" in names and "torch" in names
     assert "finetune_operator" not in names and "kopf" not in names
+    # Status reports go through finetune_trainer.kubeapi (the standard library), not the client.
+    assert "kubernetes" not in names
 
 
 def containerd_binaries() -> Path | None:

@@ -1,5 +1,6 @@
 """A few lines of HTTP standing in for the Kubernetes API server: it records the PATCH requests
-the real kubernetes client sends, so tests see exactly what the trainer reports."""
+the trainer sends (finetune_trainer.kubeapi), so tests see exactly what it reports. The same
+requests against the real API server: tests/integration/test_trainer_status_api.py."""
 
 from __future__ import annotations
 
@@ -35,10 +36,16 @@ def _handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
             body = json.loads(self.rfile.read(length))
             with recorder.lock:
                 recorder.requests.append(
-                    {"path": self.path, "content_type": self.headers["Content-Type"], "body": body}
+                    {
+                        "path": self.path,
+                        "content_type": self.headers["Content-Type"],
+                        "authorization": self.headers["Authorization"],
+                        "body": body,
+                    }
                 )
             ok = recorder.status_code == 200
-            payload = json.dumps({"kind": "FineTuneJob"} if ok else {"kind": "Status"}).encode()
+            answer = {"kind": "FineTuneJob"} if ok else {"kind": "Status", "message": "refused"}
+            payload = json.dumps(answer).encode()
             self.send_response(recorder.status_code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))

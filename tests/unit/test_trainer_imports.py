@@ -1,4 +1,5 @@
-"""The trainer never imports kopf; its entry module loads torch only once training starts."""
+"""The trainer never imports kopf or the kubernetes client; its entry module loads torch only once
+training starts."""
 
 from __future__ import annotations
 
@@ -13,18 +14,19 @@ def run(code: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_trainer_main_does_not_load_kopf() -> None:
+def test_trainer_main_does_not_load_kopf_or_the_kubernetes_client() -> None:
     result = run(
         """
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] == "kopf":
+                if name.split(".")[0] in ("kopf", "kubernetes"):
                     raise ImportError("blocked for this test: " + name)
         sys.meta_path.insert(0, Block())
         import finetune_trainer.main
         import finetune_trainer.pipeline  # everything training needs
-        assert "kopf" not in sys.modules
+        import finetune_trainer.report
+        assert "kopf" not in sys.modules and "kubernetes" not in sys.modules
         print("ok")
         """
     )

@@ -1,7 +1,7 @@
 """Status reporting and the termination message.
 
-The reporter is exercised with the real kubernetes client against a small HTTP server standing in
-for the API server (tests/training/fake_apiserver.py): the test sees the request really sent.
+The reporter sends its requests to a small HTTP server standing in for the API server
+(tests/training/fake_apiserver.py): the test sees the request really sent.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from finetune_api.trainer_config import (
     TERMINATION_MESSAGE_PATH,
     TrainerOutcome,
 )
+from finetune_trainer import kubeapi
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,7 @@ def now_rfc3339() -> str:
 
 
 def progress_patch(progress: Progress) -> dict[str, Any]:
-    """The merge patch body: only status.progress, camelCase, unset fields left out.
-
-    A dict body makes the kubernetes client send it as application/merge-patch+json (the default
-    content type of custom-object patches in the client versions the trainer supports)."""
+    """The merge patch body: only status.progress, camelCase, unset fields left out."""
     return {"status": {"progress": progress.model_dump(by_alias=True, exclude_none=True)}}
 
 
@@ -69,17 +68,23 @@ class RateLimiter:
 
 
 class StatusReporter:
-    """Patches status.progress of one FineTuneJob through the Kubernetes API.
+    """Patches status.progress of one FineTuneJob through the Kubernetes API (kubeapi).
 
     `report` only hands the progress to a background thread (the newest one wins), so a slow or
     unreachable API server never holds training up; `flush` waits for the last one to be sent."""
 
-    def __init__(self, name: str, namespace: str, api: Any, limiter: RateLimiter) -> None:
+    def __init__(
+        self, name: str, namespace: str, api: kubeapi.Endpoint, limiter: RateLimiter
+    ) -> None:
         self.name = name
         self.namespace = namespace
         self._api = api
         self._limiter = limiter
         self.patches_sent = 0
+        self.path = (
+            kubeapi.object_path(GROUP, VERSION, namespace, PLURAL, name)
+            + f"/status?fieldManager={FIELD_MANAGER}"
+        )
         self._pending: Progress | None = None
         self._busy = False
         self._condition = threading.Condition()
@@ -102,8 +107,8 @@ class StatusReporter:
             )
             return None
         try:
-            api = _custom_objects_api()
-        except Exception as exc:
+            api = kubeapi.from_environment()
+        except (kubeapi.ApiError, OSError, ssl.SSLError) as exc:
             log.warning("no Kubernetes API access, status reporting is off: %s", exc)
             return None
         return cls(name, namespace, api, RateLimiter(report_interval()))
@@ -131,17 +136,8 @@ class StatusReporter:
     def send(self, progress: Progress) -> bool:
         """Patch now; True when the API server accepted it. Failures are logged, never raised."""
         try:
-            self._api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.namespace,
-                PLURAL,
-                self.name,
-                progress_patch(progress),
-                field_manager=FIELD_MANAGER,
-                _request_timeout=REQUEST_TIMEOUT,
-            )
-        except Exception as exc:
+            self._api.merge_patch(self.path, progress_patch(progress), timeout=REQUEST_TIMEOUT)
+        except kubeapi.ApiError as exc:
             log.warning(
                 "could not patch status.progress of FineTuneJob %s/%s: %s",
                 self.namespace,
@@ -177,21 +173,6 @@ def report_interval() -> float:
         )
         return DEFAULT_REPORT_INTERVAL
     return max(0.0, value)
-
-
-def _custom_objects_api() -> Any:
-    """In-cluster config (the pod's service account); a kubeconfig only when KUBECONFIG is set."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except config.ConfigException:
-        kubeconfig = os.environ.get("KUBECONFIG")
-        if not kubeconfig:
-            raise
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    return client.CustomObjectsApi(client.ApiClient(configuration))
 
 
 def termination_path() -> str:
