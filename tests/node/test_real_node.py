@@ -369,6 +369,13 @@ def test_device_plugin_registers_again_after_kubelet_restart(
         return ready and got.status.allocatable.get("nvidia.com/gpu") == "1"
 
     wait_for(gpu_ready, timeout=90, what="node Ready with nvidia.com/gpu 1 after the restart")
+    # A restarted kubelet admits the first pods the API server gives it before it counts its
+    # sources ready, and until then it keeps every device allocation its checkpoint holds, also
+    # those of pods long gone (the earlier tests' GPU pods): a GPU pod in that first batch is
+    # refused (UnexpectedAdmissionError, "Available: 0"; seen in CI and under load here). A pod
+    # without a GPU run to the end first means the kubelet has taken in that batch.
+    first = run_pod(node_cluster, ns, probe_pod("first-after-restart", ["print", "admitted"]))
+    assert first.status.phase == "Succeeded", (first.status.reason, first.status.message)
     body = probe_pod("after-restart", ["env", "NVIDIA_VISIBLE_DEVICES"],
                      resources={"limits": {"nvidia.com/gpu": "1"}})  # fmt: skip
     pod = run_pod(node_cluster, ns, body)
