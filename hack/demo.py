@@ -244,13 +244,7 @@ def main() -> int:
 
         say("== 3. CRD and operator")
         kubectl(env, "apply", "-f", str(REPO / "crds" / "finetunejobs.finetune.dev.yaml"))
-        kubectl(
-            env,
-            "wait",
-            "--for=condition=Established",
-            "crd/finetunejobs.finetune.dev",
-            "--timeout=60s",
-        )
+        cluster.wait_crd_established("finetunejobs.finetune.dev")
         log = open(root / "operator.log", "wb")  # noqa: SIM115 - the child writes it until the end
         operator = subprocess.Popen(
             [sys.executable, "-m", "finetune_operator.main", "--namespace", NAMESPACE,

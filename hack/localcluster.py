@@ -196,6 +196,9 @@ class LocalCluster:
             "--service-account-private-key-file", str(pki / "sa.key"),
             "--root-ca-file", str(pki / "ca.crt"),
             "--use-service-account-credentials=true",
+            # Older releases bind a claim to its pre-bound volume only on this periodic sync
+            # (default 15 s; 1.34 took 15 to 30 s per namespace of three claims), 1.37 at once.
+            "--pvclaimbinder-sync-period=1s",
         ])  # fmt: skip
         self._wait_for_default_service_account(timeout)
         return self
@@ -309,6 +312,21 @@ class LocalCluster:
         raise ClusterError(
             f"controller manager made no default service account; see {self.root}/logs"
         )
+
+    def wait_crd_established(self, name: str, timeout: float = 60.0) -> None:
+        """Until the CustomResourceDefinition's Established condition is True. (`kubectl wait
+        --for=condition=Established` fails at once, "accessor error", when it reads the CRD
+        before the API server has written any condition: seen on a loaded machine.)"""
+        deadline = time.monotonic() + timeout
+        path = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}"
+        while time.monotonic() < deadline:
+            status, body = self._request(self.server, path)
+            if status == 200:
+                conditions = json.loads(body).get("status", {}).get("conditions") or []
+                if any(c["type"] == "Established" and c["status"] == "True" for c in conditions):
+                    return
+            time.sleep(0.2)
+        raise ClusterError(f"CRD {name} not Established within {timeout:.0f}s")
 
     def _check_alive(self) -> None:
         for line in (self.root / "pids").read_text().splitlines():

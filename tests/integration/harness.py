@@ -114,9 +114,7 @@ def running_cluster(root: Path, node_address: str | None = None) -> Iterator[Clu
         api = config.new_client_from_config(str(local.kubeconfig))
         c = Cluster(root=root, kubeconfig=local.kubeconfig, api=api, env=env)
         c.kubectl("apply", "-f", str(CRD))
-        c.kubectl(
-            "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
-        )
+        local.wait_crd_established("finetunejobs.finetune.dev")
         yield c
     finally:
         local.stop()

@@ -24,7 +24,7 @@ from integration.harness import (
     service_account_token,
     wait_for,
 )
-from localcluster import free_port
+from localcluster import LocalCluster, free_port
 from podsecurity import restricted_violations
 
 pytestmark = pytest.mark.integration
@@ -83,9 +83,7 @@ def test_chart_installs_and_its_rbac_runs_a_job_end_to_end(
     docs = rendered(release, system, *sets.get(mode, []))
     create_restricted_namespace(cluster, system)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s"
-    )
+    LocalCluster(cluster.root).wait_crd_established("finetunejobs.finetune.dev")
     roles = [d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"]
     assert roles == ([ns.name] if mode == "namespaced" else [])
 
