@@ -175,3 +175,12 @@ def test_object_path_quotes_names() -> None:
         kubeapi.object_path("finetune.dev", "v1alpha1", "team-1", "finetunejobs", "a")
         == "/apis/finetune.dev/v1alpha1/namespaces/team-1/finetunejobs/a"
     )
+
+
+def test_a_missing_token_file_is_an_api_error_not_a_crash(tmp_path: Path) -> None:
+    """The reporter's thread only survives failures it is told of as ApiError."""
+    path = write_kubeconfig(
+        tmp_path / "kc", {"server": "http://127.0.0.1:9"}, {"tokenFile": "gone"}
+    )
+    with pytest.raises(kubeapi.ApiError, match=r"token file .*gone: No such file or directory"):
+        kubeapi.from_kubeconfig(path).merge_patch("/p", {}, timeout=5)

@@ -103,7 +103,10 @@ class Endpoint:
     ) -> dict[str, Any]:
         url = urlsplit(self.server)
         headers = {"Content-Type": content_type, "Accept": "application/json"}
-        token = self.token_file.read_text().strip() if self.token_file else self.token
+        try:
+            token = self.token_file.read_text().strip() if self.token_file else self.token
+        except OSError as exc:
+            raise ApiError(f"token file {self.token_file}: {exc.strerror}") from exc
         if token:
             headers["Authorization"] = f"Bearer {token}"
         connection: http.client.HTTPConnection
@@ -117,13 +120,16 @@ class Endpoint:
             connection.request(method, url.path.rstrip("/") + path, json.dumps(body), headers)
             response = connection.getresponse()
             data = response.read()
-        except OSError as exc:  # refused, reset, timed out, TLS
-            raise ApiError(f"{method} {self.server}{path}: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, TLS
+            raise ApiError(f"{method} {self.server}{path}: {exc!r}") from exc
         finally:
             connection.close()
         if not 200 <= response.status < 300:
             raise ApiError(f"{response.status} {response.reason}: {_status_message(data)}")
-        answer: dict[str, Any] = json.loads(data) if data else {}
+        try:
+            answer: dict[str, Any] = json.loads(data) if data else {}
+        except ValueError as exc:
+            raise ApiError(f"{method} {path}: the answer is not JSON: {data[:200]!r}") from exc
         return answer
 
 
