@@ -190,3 +190,19 @@ def test_termination_message_stays_under_the_kubernetes_limit() -> None:
     parsed = TrainerOutcome.model_validate_json(text)
     assert parsed.message.endswith("...")
     assert parsed.reason == "TrainingError"
+
+
+def test_a_malformed_kubeconfig_turns_reporting_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubeconfig = tmp_path / "kc"
+    kubeconfig.write_text(
+        "clusters: [{name: c, cluster: {server: 'https://a:1', certificate-authority-data: '%%'}}]\n"
+        "contexts: [{name: x, context: {cluster: c}}]\ncurrent-context: x\n"
+    )
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("FINETUNE_REPORT_STATUS", "true")
+    monkeypatch.setenv("FINETUNE_JOB_NAME", "a")
+    monkeypatch.setenv("FINETUNE_JOB_NAMESPACE", "b")
+    assert StatusReporter.from_env() is None

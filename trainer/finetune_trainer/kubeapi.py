@@ -206,7 +206,7 @@ def _tls(cluster: _Cluster, user: _User, base: Path) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif cluster.certificate_authority_data:
-        pem = base64.b64decode(cluster.certificate_authority_data).decode()
+        pem = base64.b64decode(cluster.certificate_authority_data, validate=True).decode()
         context = ssl.create_default_context(cadata=pem)
     elif cluster.certificate_authority:
         context = ssl.create_default_context(cafile=str(base / cluster.certificate_authority))
@@ -221,7 +221,7 @@ def _tls(cluster: _Cluster, user: _User, base: Path) -> ssl.SSLContext:
 
 def _pem(file: str | None, data: str | None, base: Path) -> bytes | None:
     if data:
-        return base64.b64decode(data)
+        return base64.b64decode(data, validate=True)
     return (base / file).read_bytes() if file else None
 
 

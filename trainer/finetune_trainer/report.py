@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -108,7 +107,11 @@ class StatusReporter:
             return None
         try:
             api = kubeapi.from_environment()
-        except (kubeapi.ApiError, OSError, ssl.SSLError) as exc:
+        except (
+            kubeapi.ApiError,
+            OSError,
+            ValueError,
+        ) as exc:  # ssl's errors are OSErrors; bad base64 a ValueError
             log.warning("no Kubernetes API access, status reporting is off: %s", exc)
             return None
         return cls(name, namespace, api, RateLimiter(report_interval()))
