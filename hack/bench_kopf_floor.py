@@ -17,16 +17,14 @@ import kopf
 from bench_floor import job_for
 from kubernetes import client, config
 
+from finetune_operator import tuning
+
 _batch: list[client.BatchV1Api] = []
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="finetune.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="finetune.dev")
-    settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 8
-    settings.batching.batch_window = 0.01
+    tuning.tune(settings)  # the operator's own kopf settings
     config.load_kube_config()
     _batch.append(client.BatchV1Api())
 

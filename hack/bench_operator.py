@@ -159,7 +159,9 @@ class Bench:
         self.wait(lambda: all(k in self.seen.jobs for k in keys.values()), 120)
         return [(self.seen.jobs[keys[n]] - t) * 1000 for n, t in starts.items()]
 
-    def burst(self, namespace: str, count: int, pid: int, statuses: bool) -> dict[str, Any]:
+    def burst(
+        self, namespace: str, count: int, pid: int, statuses: bool, wait_window: bool = True
+    ) -> dict[str, Any]:
         names = [f"burst-{i:05d}" for i in range(count)]
         cpu0, rss0 = proc_usage(pid)
         t0 = time.monotonic()
@@ -185,7 +187,7 @@ class Bench:
         quiet = settle(pid)  # the rest of the work the burst caused (pods' changes, Events)
         cpu2, rss1 = proc_usage(pid)
         waiting = None
-        if statuses:  # the burst's jobs wait (no node can take them): what do they cost?
+        if statuses and wait_window:  # the burst's jobs wait (no node can take them): their cost?
             time.sleep(WAITING_WINDOW_SECONDS)
             waiting = (proc_usage(pid)[0] - cpu2) * 60 / WAITING_WINDOW_SECONDS
         jobs = client.BatchV1Api(self.api).list_namespaced_job(namespace).items
@@ -267,6 +269,10 @@ def phase(
         burst = bench.burst(
             bench.namespace(f"{name}-burst"), args.burst, proc.pid, statuses=name == "op"
         )
+        if name == "op":  # as many again: does memory keep growing with the jobs it holds?
+            burst["second"] = bench.burst(
+                bench.namespace(f"{name}-burst2"), args.burst, proc.pid, True, wait_window=False
+            )
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -371,6 +377,13 @@ def table(result: dict[str, Any]) -> str:
         f"its {burst['jobs']} jobs wait for a node: "
         f"{burst['waiting_cpu_seconds_per_minute']:.2f} CPU-s per minute"
     )
+    second = burst.get("second")
+    if second is not None:
+        lines.append(
+            f"a second burst of {second['jobs']} (the operator then holds {2 * second['jobs']} "
+            f"jobs): {second['jobs_per_second']:.1f} Jobs/s, {second['cpu_seconds']:.1f} CPU-s, "
+            f"RSS {second['rss_before_mib']:.0f} -> {second['rss_after_mib']:.0f} MiB"
+        )
     return "\n".join(lines)
 
 

@@ -14,13 +14,15 @@ from typing import Any, cast
 import kopf
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
-from finetune_operator import webhook
-from finetune_operator.builders import LABEL_NAME, LABEL_UID
+from finetune_operator import tuning, webhook
+from finetune_operator.builders import LABEL_NAME, LABEL_UID, job_name
 from finetune_operator.kube import Kube, load_config
 from finetune_operator.kueue import GROUP as KUEUE_GROUP
 from finetune_operator.kueue import JOB_UID_LABEL
 from finetune_operator.kueue import VERSION as KUEUE_VERSION
-from finetune_operator.reconcile import Reconciler
+from finetune_operator.observe import JobView, PodView
+from finetune_operator.placement import GpuNode
+from finetune_operator.reconcile import Reconciler, Seen
 from finetune_operator.settings import Settings
 from finetune_operator.status import awaits_pod
 
@@ -32,7 +34,6 @@ TICK_SECONDS = 30  # how often a job that waits for its pod is looked at (Failed
 # Changes of a job's Job and pods come in flurries (created, scheduled, started: a few events
 # within a fraction of a second): one status refresh a moment after the first serves them all.
 REFRESH_DELAY_SECONDS = 0.25
-BATCH_WINDOW_SECONDS = 0.01  # kopf's wait for more events of one object (its default: 0.1 s)
 
 
 _state: dict[str, Any] = {}
@@ -42,6 +43,12 @@ def configure(settings: Settings) -> None:
     load_config()
     _state["settings"] = settings
     _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+    if not settings.dra:
+        # The GPU nodes, for the placement shown in the status and why a pod cannot be placed
+        # (with DRA the ResourceSlices say that).
+        kopf.index("", "v1", "nodes", labels={settings.labels.compute_major: kopf.PRESENT})(
+            gpu_nodes
+        )
     if settings.dra:
         # The ResourceClaimTemplate is a child only with DRA (and the chart's RBAC has it then).
         kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=CHILD_LABELS)(
@@ -52,6 +59,51 @@ def configure(settings: Settings) -> None:
         kopf.on.validate(*FTJ, id="spec", operations=["CREATE", "UPDATE"], ignore_failures=True)(
             validate
         )
+
+
+# --- watch caches: kopf indices, kept from the watch streams kopf has open anyway -------------
+# kopf runs no other handler until every index has been filled from its first listing, so a
+# status is never derived from a cache still loading (at start-up every job is looked at).
+# Indices are read only in the event loop (they change there); the reconciler gets a Seen.
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
+def training_jobs(
+    body: kopf.Body, namespace: str | None, name: str | None, **_: Any
+) -> dict[tuple[str, str], JobView]:
+    return {(namespace or "", name or ""): JobView.from_api(body)}
+
+
+@kopf.index("", "v1", "pods", labels=CHILD_LABELS)
+def training_pods(
+    body: kopf.Body, namespace: str | None, **_: Any
+) -> dict[tuple[str, str], tuple[str, PodView]]:
+    owner = body.metadata.annotations.get(LABEL_NAME)
+    if not owner:
+        return {}
+    return {(namespace or "", owner): (body.metadata.labels[LABEL_UID], PodView.from_api(body))}
+
+
+def gpu_nodes(name: str | None, labels: Mapping[str, str], **_: Any) -> dict[str, GpuNode]:
+    return {name or "": GpuNode.from_labels(name or "", labels, _state["settings"].labels)}
+
+
+def _keep_indices(kwargs: Mapping[str, Any]) -> None:
+    """kopf hands its indices to every handler; keep them for the periodic check's task."""
+    if "indices" not in _state:
+        _state["indices"] = {
+            k: kwargs.get(k) for k in ("training_jobs", "training_pods", "gpu_nodes")
+        }
+
+
+def _seen(namespace: str, name: str) -> Seen:
+    indices = _state["indices"]
+    jobs = indices["training_jobs"].get((namespace, job_name(name)), ())
+    return Seen.collect(
+        next(iter(jobs), None),
+        indices["training_pods"].get((namespace, name), ()),
+        indices["gpu_nodes"],
+    )
 
 
 def validate(body: kopf.Body, **kwargs: Any) -> None:
@@ -72,14 +124,8 @@ def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
-    # Keep kopf's bookkeeping in annotations under our prefix: status stays ours, and only
-    # warnings from kopf itself become Events (our phase transitions post their own).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
-    settings.posting.level = logging.WARNING
-    settings.execution.max_workers = 8
-    settings.batching.batch_window = BATCH_WINDOW_SECONDS
     ours: Settings = _state["settings"]
+    tuning.tune(settings, None if ours.dra else ours.labels.compute_major)
     if ours.webhook:
         service = None
         if ours.webhook_service and ours.webhook_namespace:
@@ -95,8 +141,10 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.resume(*FTJ)
 @kopf.on.create(*FTJ)
 @kopf.on.update(*FTJ, field="spec")
-def reconcile(body: kopf.Body, **_: Any) -> None:
-    failure = _reconciler().reconcile(body)
+async def reconcile(body: kopf.Body, **kwargs: Any) -> None:
+    _keep_indices(kwargs)
+    seen = _seen(body.metadata.namespace or "", body.metadata.name or "")
+    failure = await asyncio.to_thread(_reconciler().reconcile, body, seen)
     if failure is not None:  # already in the status and an Event; kopf retries only if it can help
         if failure.permanent:
             raise kopf.PermanentError(failure.describe())
@@ -112,13 +160,16 @@ _awaiting_pod: dict[tuple[str, str], None] = {}
 
 
 @kopf.on.event(*FTJ)
-async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **_: Any) -> None:
+async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: Any) -> None:
+    _keep_indices(kwargs)
     _ensure_ticker()
     key = (body.metadata.namespace or "", body.metadata.name or "")
     if event.get("type") != "DELETED" and awaits_pod(body.status):
         _awaiting_pod[key] = None
     else:
         _awaiting_pod.pop(key, None)
+    if event.get("type") == "DELETED":
+        _reconciler().forget(*key)
 
 
 async def _tick_forever() -> None:
@@ -126,7 +177,7 @@ async def _tick_forever() -> None:
         await asyncio.sleep(TICK_SECONDS)
         for namespace, name in list(_awaiting_pod):
             try:
-                await asyncio.to_thread(_reconciler().tick, namespace, name)
+                await asyncio.to_thread(_reconciler().tick, namespace, name, _seen(namespace, name))
             except Exception:  # one job's trouble never stops the others' checks
                 log.exception("periodic check of %s/%s failed", namespace, name)
 
@@ -153,11 +204,8 @@ async def _refresh_later(namespace: str, name: str) -> None:
     the refresh waits for a worker thread (a busy operator) is served by it too."""
     await asyncio.sleep(REFRESH_DELAY_SECONDS)
 
-    def refresh() -> None:
-        _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
-        _reconciler().refresh(namespace, name)
-
-    await asyncio.to_thread(refresh)
+    _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
+    await asyncio.to_thread(_reconciler().refresh, namespace, name, _seen(namespace, name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -168,15 +216,20 @@ async def _refresh_later(namespace: str, name: str) -> None:
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
 @kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
 async def child_changed(
-    body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **_: Any
+    body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **kwargs: Any
 ) -> None:
+    _keep_indices(kwargs)
     owner = (body.metadata.annotations or {}).get(LABEL_NAME)
     namespace = body.metadata.namespace
     if not owner or not namespace:
         return
-    # Children are level-triggered: a deleted one is made again (unless the job has finished).
+    # Children are level-triggered: a deleted one is made again (unless the job has finished,
+    # or the operator itself deleted it to undo a refused pass).
     if event.get("type") == "DELETED" and resource.plural != "pods":
-        await asyncio.to_thread(_reconciler().refresh, namespace, owner, heal="deleted")
+        if _reconciler().undone(body.get("kind", ""), namespace, body.metadata.name or ""):
+            return
+        seen = _seen(namespace, owner)
+        await asyncio.to_thread(_reconciler().refresh, namespace, owner, seen, heal="deleted")
     elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
@@ -185,8 +238,14 @@ async def child_changed(
 # Kueue's Workload of a queued job (Queued, Admitted, Evicted...). Inactive where Kueue's CRDs are
 # not installed: kopf serves only the resources the cluster has.
 @kopf.on.event(KUEUE_GROUP, KUEUE_VERSION, "workloads", labels={JOB_UID_LABEL: kopf.PRESENT})
-def workload_changed(body: kopf.Body, **_: Any) -> None:
-    namespace = body.metadata.namespace
+async def workload_changed(body: kopf.Body, **kwargs: Any) -> None:
+    _keep_indices(kwargs)
+    namespace = body.metadata.namespace or ""
     for owner in body.metadata.get("ownerReferences") or []:
-        if owner.get("kind") == "Job" and owner.get("apiVersion") == "batch/v1" and namespace:
-            _reconciler().refresh_job(namespace, owner["name"])
+        if owner.get("kind") != "Job" or owner.get("apiVersion") != "batch/v1":
+            continue
+        jobs = _state["indices"]["training_jobs"].get((namespace, owner["name"]), ())
+        view = next(iter(jobs), None)
+        if view is not None and view.owner:  # one of ours
+            seen = _seen(namespace, view.owner)
+            await asyncio.to_thread(_reconciler().refresh, namespace, view.owner, seen)

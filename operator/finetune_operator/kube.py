@@ -10,10 +10,7 @@ from kubernetes.client.exceptions import ApiException
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
 from finetune_operator import dra, kueue
-from finetune_operator.builders import LABEL_UID
 from finetune_operator.dra import GpuDevice
-from finetune_operator.placement import GpuNode
-from finetune_operator.settings import GpuLabels
 
 MERGE_PATCH = "application/merge-patch+json"
 # Requests return the API server's JSON as is: building the client's model classes (each one
@@ -90,12 +87,11 @@ class Kube:
         }
         return creators[type(obj).__name__]
 
-    def create_if_missing(self, obj: Any, *, dry_run: bool = False) -> bool:
-        """Create a namespaced object (or only check that the API server would, with `dry_run`);
-        False when it already exists (never a second copy). Other refusals raise ApiException."""
-        kwargs: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
+    def create_if_missing(self, obj: Any) -> bool:
+        """Create a namespaced object; False when it already exists (never a second copy).
+        Other refusals raise ApiException."""
         try:
-            _drain(self._creator(obj)(obj.metadata.namespace, obj, **kwargs, **RAW))
+            _drain(self._creator(obj)(obj.metadata.namespace, obj, **RAW))
         except ApiException as exc:
             if exc.status == 409:
                 return False
@@ -162,15 +158,6 @@ class Kube:
             _content_type=MERGE_PATCH, **RAW,
         ))  # fmt: skip
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            job: dict[str, Any] = _json(self.batch.read_namespaced_job(name, namespace, **RAW))
-            return job
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
     def set_job_suspend(self, namespace: str, name: str, suspend: bool) -> None:
         _drain(
             self.batch.patch_namespaced_job(
@@ -197,27 +184,6 @@ class Kube:
             kueue.GROUP, kueue.VERSION, namespace, kueue.WORKLOADS, name,
             {"spec": {"active": active}}, _content_type=MERGE_PATCH,
         )  # fmt: skip
-
-    def list_pods(self, namespace: str, uid: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_UID}={uid}", **RAW)
-        return list(_json(pods)["items"])
-
-    def gpu_node(self, name: str, labels: GpuLabels) -> GpuNode | None:
-        try:
-            node = _json(self.core.read_node(name, **RAW))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return GpuNode.from_labels(name, node["metadata"].get("labels") or {}, labels)
-
-    def gpu_nodes(self, labels: GpuLabels) -> list[GpuNode]:
-        """Nodes carrying a compute-capability label."""
-        nodes = _json(self.core.list_node(label_selector=labels.compute_major, **RAW))
-        return [
-            GpuNode.from_labels(n["metadata"]["name"], n["metadata"].get("labels") or {}, labels)
-            for n in nodes["items"]
-        ]
 
     def get_resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A ResourceClaim as the API server sends it (camelCase), or None when it is gone."""

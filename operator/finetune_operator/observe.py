@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune_api.trainer_config import EXIT_INTERRUPTED, EXIT_INVALID_INPUT, TrainerOutcome
-from finetune_operator.builders import ANNOTATION_SPEC_HASH
+from finetune_operator.builders import ANNOTATION_SPEC_HASH, LABEL_NAME
 
 # The Job controller's annotation on each pod of an Indexed Job (a multi-node job).
 ANNOTATION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -145,6 +145,7 @@ class JobView:
     failed_time: str | None
     uid: str = ""
     completions: int = 1  # pods that must succeed: resources.nodes
+    owner: str = ""  # the FineTuneJob's name (the operator's annotation on its children)
 
     @classmethod
     def from_api(cls, job: Mapping[str, Any]) -> JobView:
@@ -166,6 +167,7 @@ class JobView:
             uid=meta.get("uid") or "",
             completions=(job.get("spec") or {}).get("completions") or 1,
             spec_hash=(meta.get("annotations") or {}).get(ANNOTATION_SPEC_HASH),
+            owner=(meta.get("annotations") or {}).get(LABEL_NAME) or "",
             suspended=bool((job.get("spec") or {}).get("suspend")),
             active=status.get("active") or 0,
             failed=status.get("failed") or 0,

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -44,11 +45,12 @@ from finetune_operator.settings import Settings
 from finetune_operator.status import Observation, Transition, derive, finished
 
 log = logging.getLogger(__name__)
-# Children are created concurrently: the requests are independent and the API server is the wait.
-SHAPED = ("ConfigMap", "ResourceClaimTemplate", "Job")  # what the spec shapes: dry-run first
-# Made once the others exist: binding a Role needs the Role (the API server checks that the
-# operator holds what it grants), and the Job's pods need the rest.
-LAST = ("RoleBinding", "Job")
+# Children are created concurrently, each as soon as what it needs exists: binding a Role needs
+# the Role (the API server checks that the operator holds what the binding grants), and the Job's
+# pods need their ServiceAccount (a pod naming one that does not exist is refused, and the Job
+# controller backs off) and, with DRA, the ResourceClaimTemplate. The ConfigMap is only mounted
+# when a pod starts on a node, long after its concurrent create has returned.
+NEEDS = {"Job": ("ServiceAccount", "ResourceClaimTemplate"), "RoleBinding": ("Role",)}
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
@@ -70,6 +72,37 @@ def identity(body: Mapping[str, Any]) -> JobIdentity:
         queue=labels.get(KUEUE_QUEUE_LABEL),
         priority=labels.get(KUEUE_PRIORITY_LABEL),
     )
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the operator's watch caches (kopf indices of Jobs, pods and GPU nodes) hold for one
+    FineTuneJob, read in the event loop and handed to the reconciler: a status refresh reads
+    nothing from the API server. `pods` are every pod labelled with the job's name, each with
+    its owner's uid (a FineTuneJob deleted and made again under the same name has a new uid);
+    `nodes` are the GPU nodes the newest pod needs: the one it is bound to, or, while it cannot
+    be scheduled, all of them."""
+
+    job: JobView | None = None
+    pods: tuple[tuple[str, PodView], ...] = ()
+    nodes: tuple[GpuNode, ...] = ()
+
+    @classmethod
+    def collect(
+        cls,
+        job: JobView | None,
+        pods: Iterable[tuple[str, PodView]],
+        nodes: Mapping[str, Iterable[GpuNode]] | None,
+    ) -> Seen:
+        owned = tuple(pods)
+        newest = max((p for _, p in owned), key=lambda p: (p.created, p.name), default=None)
+        needed: tuple[GpuNode, ...] = ()
+        if nodes is not None and newest is not None:
+            if newest.node is not None:
+                needed = tuple(nodes.get(newest.node, ()))
+            elif newest.unschedulable is not None:
+                needed = tuple(n for found in nodes.values() for n in found)
+        return cls(job=job, pods=owned, nodes=needed)
 
 
 def parse_spec(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:
@@ -98,19 +131,37 @@ class Reconciler:
         self.settings = settings
         self.kube = kube
         self.events = events
-        self._locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        # One pass at a time per FineTuneJob (namespace, name): a refresh reads the object inside
+        # it, so it never acts on a status older than the last pass wrote.
+        self._locks: defaultdict[tuple[str, str], threading.RLock] = defaultdict(threading.RLock)
         self._locks_guard = threading.Lock()
+        # Children this operator deleted to undo a refused pass: their DELETED events are no
+        # reason to make them again (that would loop at event speed).
+        self._undone: set[tuple[str, str, str]] = set()
 
-    def _lock(self, uid: str) -> threading.Lock:
+    def _lock(self, namespace: str, name: str) -> threading.RLock:
         with self._locks_guard:
-            return self._locks[uid]
+            return self._locks[namespace, name]
 
-    def reconcile(self, body: Mapping[str, Any]) -> ChildFailure | None:
+    def forget(self, namespace: str, name: str) -> None:
+        """The FineTuneJob is gone: drop what was kept for it."""
+        with self._locks_guard:
+            self._locks.pop((namespace, name), None)
+
+    def undone(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether this child's deletion was the undoing of a refused pass (asked once)."""
+        with self._locks_guard:
+            key = (kind, namespace, name)
+            found = key in self._undone
+            self._undone.discard(key)
+            return found
+
+    def reconcile(self, body: Mapping[str, Any], seen: Seen) -> ChildFailure | None:
         """FineTuneJob created, changed or seen at start-up, or a child of it deleted: ensure the
         children (unless the job has finished: Succeeded and Failed are final), refresh status.
         Returns the refusal of a child, already reported in the status and an Event."""
         job = identity(body)
-        with self._lock(job.uid):
+        with self._lock(job.namespace, job.name):
             spec, invalid = parse_spec(body)
             if spec is None:
                 log.warning("%s/%s is invalid: %s", job.namespace, job.name, invalid)
@@ -128,48 +179,43 @@ class Reconciler:
             if not created_job:
                 # (A Job made just now is followed by its own event, whose refresh writes the
                 # status: one status write and one FineTuneJob event fewer per new job.)
-                self._refresh(body, spec, requirement, failure)
+                self._refresh(body, spec, requirement, seen, failure)
             return failure
 
     def refresh(
-        self, namespace: str, name: str, *, heal: bool | Literal["deleted"] = False
+        self,
+        namespace: str,
+        name: str,
+        seen: Seen,
+        *,
+        heal: bool | Literal["deleted"] = False,
+        job_events: bool = False,
     ) -> None:
-        """A child changed: recompute the owner's status; `heal` (the periodic check, or
-        "deleted": a child was deleted) also re-creates missing children, as reconcile does."""
-        body = self.kube.get_finetunejob(namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return  # gone or going: garbage collection is removing its children
-        if heal == "deleted" and _refused(body):
-            # The deletion is the roll-back of a refused pass: retrying on its events would loop
-            # at event speed. The status already says why; kopf (for a refusal that may pass),
-            # the periodic check or a spec change try again.
-            return
-        if heal:
-            failure = self.reconcile(body)
-            if failure is not None:
-                log.warning("%s/%s: %s", namespace, name, failure.describe())
-            return
-        job = identity(body)
-        with self._lock(job.uid):
+        """A child changed: recompute the owner's status from `seen`; `heal` (the periodic
+        check, or "deleted": a child was deleted) also re-creates missing children, as reconcile
+        does; `job_events` (the periodic check) also reads the Job's Warning Events."""
+        with self._lock(namespace, name):
+            body = self.kube.get_finetunejob(namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return  # gone or going: garbage collection is removing its children
+            if heal == "deleted" and _refused(body):
+                # A refused pass is retried by kopf (for a refusal that may pass), the periodic
+                # check or a spec change, not at the speed of its children's events.
+                return
+            if heal:
+                failure = self.reconcile(body, seen)
+                if failure is not None:
+                    log.warning("%s/%s: %s", namespace, name, failure.describe())
+                return
             spec, _invalid = parse_spec(body)
             if spec is not None:
-                self._refresh(body, spec, gpu_requirement(spec, self.settings))
+                requirement = gpu_requirement(spec, self.settings)
+                self._refresh(body, spec, requirement, seen, job_events=job_events)
 
-    def refresh_job(self, namespace: str, job_name: str) -> None:
-        """Kueue's Workload of this Job changed: refresh the FineTuneJob that owns the Job."""
-        api_job = self.kube.get_job(namespace, job_name)
-        meta = api_job["metadata"] if api_job is not None else {}
-        if builders.LABEL_UID not in (meta.get("labels") or {}):
-            return  # not one of ours
-        owner = (meta.get("annotations") or {}).get(builders.LABEL_NAME)
-        if owner:
-            self.refresh(namespace, owner)
-
-    def tick(self, namespace: str, name: str) -> None:
+    def tick(self, namespace: str, name: str, seen: Seen) -> None:
         """Periodic check of a job that waits for its pod: heal a missing Job, refresh the status
-        (the Job controller's FailedCreate Events change no object the operator watches)."""
-        missing = self.kube.get_job(namespace, builders.job_name(name)) is None
-        self.refresh(namespace, name, heal=missing)
+        with the Job's Events (the Job controller's FailedCreate changes no watched object)."""
+        self.refresh(namespace, name, seen, heal=seen.job is None, job_events=True)
 
     def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
@@ -192,38 +238,56 @@ class Reconciler:
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> tuple[ChildFailure | None, bool]:
-        """Create the missing children, all or none, in three round trips of concurrent requests:
-        a server-side dry run of what the spec shapes (the ConfigMap, the ResourceClaimTemplate in
-        DRA mode, the Job), then the other children, then the RoleBinding and the Job. A refused dry run
-        creates nothing; what a pass created is deleted again if a later child is refused.
-        Returns the refusal, if any, and whether the Job was created."""
-        children = self._children(job, spec, requirement)
-        shaped = [c for c in children if child_kind(c) in SHAPED]
-        checks = list(_POOL.map(lambda c: self._create(c, dry_run=True), shaped))
-        failure = next((o for o in checks if isinstance(o, ChildFailure)), None)
-        if failure is not None:
-            return failure, False  # nothing created
-        exists = {id(c) for c, o in zip(shaped, checks, strict=True) if o is False}
-        todo = [c for c in children if id(c) not in exists]
-        last = [c for c in todo if child_kind(c) in LAST]
+        """Create the missing children, all or none: concurrently, each as soon as what it NEEDS
+        exists (the Job after one round trip, for its ServiceAccount). What a pass created is
+        deleted again if a child is refused. Returns the refusal, if any, and whether the Job
+        was created."""
+        waiting = self._children(job, spec, requirement)
+        present = {child_kind(c) for c in waiting}
+        done: set[str] = set()
         created: list[Any] = []
-        for stage in ([c for c in todo if child_kind(c) not in LAST], last):
-            outcomes = list(_POOL.map(self._create, stage))
-            created += [c for c, o in zip(stage, outcomes, strict=True) if o is True]
-            failure = next((o for o in outcomes if isinstance(o, ChildFailure)), None)
-            if failure is not None:
-                for done in reversed(created):
-                    self.kube.delete(done)
-                return failure, False
+        failure: ChildFailure | None = None
+        running: dict[Future[bool | ChildFailure], Any] = {}
+        while waiting or running:
+            ready = [
+                c
+                for c in waiting
+                if failure is None
+                and all(n in done or n not in present for n in NEEDS.get(child_kind(c), ()))
+            ]
+            for child in ready:
+                waiting.remove(child)
+                running[_POOL.submit(self._create, child)] = child
+            if not running:
+                break  # a refusal stopped the rest
+            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                child = running.pop(future)
+                outcome = future.result()
+                if isinstance(outcome, ChildFailure):
+                    failure = failure or outcome
+                    continue
+                done.add(child_kind(child))
+                if outcome:
+                    created.append(child)
+        if failure is not None:
+            self._undo(reversed(created))
+            return failure, False
         if created:
             names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
             log.info("%s/%s: created %s", job.namespace, job.name, names)
         return None, any(child_kind(c) == "Job" for c in created)
 
-    def _create(self, child: Any, *, dry_run: bool = False) -> bool | ChildFailure:
-        """True when created (or creatable), False when it exists, else the refusal."""
+    def _undo(self, created: Iterable[Any]) -> None:
+        for child in created:
+            with self._locks_guard:
+                self._undone.add((child_kind(child), child.metadata.namespace, child.metadata.name))
+            self.kube.delete(child)
+
+    def _create(self, child: Any) -> bool | ChildFailure:
+        """True when created, False when it exists, else the refusal."""
         try:
-            return self.kube.create_if_missing(child, dry_run=dry_run)
+            return self.kube.create_if_missing(child)
         except ApiException as exc:
             if exc.status is None or exc.status >= 500 or exc.status == 429:
                 raise  # the API server is busy or down: kopf retries with back-off
@@ -239,24 +303,25 @@ class Reconciler:
         body: Mapping[str, Any],
         spec: FineTuneJobSpec,
         requirement: GpuRequirement,
+        seen: Seen,
         failure: ChildFailure | None = None,
+        *,
+        job_events: bool = False,
     ) -> None:
         job = identity(body)
-        api_job = self.kube.get_job(job.namespace, builders.job_name(job.name))
-        job_view = JobView.from_api(api_job) if api_job is not None else None
-        pods = tuple(PodView.from_api(p) for p in self.kube.list_pods(job.namespace, job.uid))
-        job_events: tuple[tuple[str, str, str], ...] = ()
-        if job_view is not None and not pods:
-            job_events = tuple(self.kube.job_events(job.namespace, job_view.name))
+        job_view = seen.job
+        pods = tuple(p for uid, p in seen.pods if uid == job.uid)
+        events: tuple[tuple[str, str, str], ...] | None = None
+        if job_events and job_view is not None and not pods:
+            events = tuple(self.kube.job_events(job.namespace, job_view.name))
         newest = max(pods, key=lambda p: (p.created, p.name), default=None)
         node = diagnosis = allocation = None
         if newest is not None and self.settings.dra:
             node, diagnosis, allocation = self._dra_placement(job.namespace, requirement, newest)
         elif newest is not None and newest.node is not None:
-            node = self.kube.gpu_node(newest.node, self.settings.labels)
+            node = next((n for n in seen.nodes if n.name == newest.node), None)
         elif newest is not None and newest.unschedulable is not None:
-            nodes = self.kube.gpu_nodes(self.settings.labels)
-            diagnosis = diagnose_unschedulable(requirement, nodes, newest.unschedulable)
+            diagnosis = diagnose_unschedulable(requirement, list(seen.nodes), newest.unschedulable)
         workload = None
         if job.queued and job_view is not None:
             found = self.kube.get_workload(job.namespace, job_view.uid)
@@ -277,7 +342,7 @@ class Reconciler:
             adapter_uri=spec.output.uri,
             child_failure=failure,
             expected_job=builders.job_name(job.name),
-            job_events=job_events,
+            job_events=events,
             queue=job.queue,
             workload=workload,
         )

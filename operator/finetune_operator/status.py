@@ -47,7 +47,9 @@ class Observation:
     adapter_uri: str | None = None
     child_failure: ChildFailure | None = None  # the API server refused to create a child
     expected_job: str | None = None  # the training Job's name
-    job_events: tuple[tuple[str, str, str], ...] = ()  # Warning Events on the Job, oldest first
+    # Warning Events on the Job, oldest first; None when not looked at (only the periodic check
+    # lists them): a FailedCreate already reported then stands until a pod appears.
+    job_events: tuple[tuple[str, str, str], ...] | None = None
     queue: str | None = None  # the LocalQueue (kueue.x-k8s.io/queue-name label), if queued
     workload: WorkloadView | None = None  # Kueue's Workload for the Job
 
@@ -396,13 +398,22 @@ def _finished(
     return None
 
 
+def _failed_create(b: _Builder, obs: Observation) -> str | None:
+    """Why the Job controller cannot make the training pod, if it said so (Events), or if it was
+    reported before and the Events were not looked at this time."""
+    if obs.job_events is None:
+        old = b.conditions.get(ConditionType.SCHEDULED.value)
+        return old.message if old is not None and old.reason == "FailedCreate" else None
+    failed = [m for _, reason, m in obs.job_events if reason == "FailedCreate"]
+    return f"the Job controller cannot create the training pod: {failed[-1]}" if failed else None
+
+
 def _active(
     b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView | None
 ) -> tuple[Phase, str, str]:
     if pod is None:
-        failed_create = [m for _, reason, m in obs.job_events if reason == "FailedCreate"]
-        if failed_create:
-            message = f"the Job controller cannot create the training pod: {failed_create[-1]}"
+        message = _failed_create(b, obs)
+        if message is not None:
             b.set(ConditionType.SCHEDULED, "False", "FailedCreate", message)
             return Phase.PENDING, "FailedCreate", message
         b.set(ConditionType.SCHEDULED, "Unknown", "PodCreating", "waiting for the training pod")

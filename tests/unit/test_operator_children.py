@@ -13,8 +13,8 @@ from finetune_api import ComputeCapability
 from finetune_api.resource import FineTuneJobStatus
 from finetune_operator.children import ChildFailure
 from finetune_operator.observe import JobView, PodView
-from finetune_operator.placement import GpuRequirement
-from finetune_operator.reconcile import Reconciler
+from finetune_operator.placement import GpuNode, GpuRequirement
+from finetune_operator.reconcile import Reconciler, Seen
 from finetune_operator.settings import Settings
 from finetune_operator.status import Observation, derive, finished
 
@@ -189,17 +189,16 @@ def test_pod_view_reads_waiting_reason() -> None:
 class FakeKube:
     """Records creates and deletes; refuses the kinds in `refuse` with the given status."""
 
-    def __init__(self, refuse: dict[str, int] | None = None, refuse_real_only: bool = False):
+    def __init__(self, refuse: dict[str, int] | None = None):
         self.refuse = refuse or {}
-        self.refuse_real_only = refuse_real_only
         self.objects: dict[tuple[str, str], Any] = {}
         self.calls: list[tuple[str, str]] = []
         self.status: dict[str, Any] | None = None
 
-    def create_if_missing(self, obj: Any, *, dry_run: bool = False) -> bool:
+    def create_if_missing(self, obj: Any) -> bool:
         kind = type(obj).__name__.removeprefix("V1")
-        self.calls.append(("dry-run" if dry_run else "create", kind))
-        if kind in self.refuse and not (dry_run and self.refuse_real_only):
+        self.calls.append(("create", kind))
+        if kind in self.refuse:
             body = json.dumps({"message": f"{kind} refused: field x is bad"})
             exc = ApiException(status=self.refuse[kind], reason="Unprocessable Entity")
             exc.body = body
@@ -207,20 +206,13 @@ class FakeKube:
         key = (kind, obj.metadata.name)
         if key in self.objects:
             return False
-        if not dry_run:
-            self.objects[key] = obj
+        self.objects[key] = obj
         return True
 
     def delete(self, obj: Any) -> None:
         kind = type(obj).__name__.removeprefix("V1")
         self.calls.append(("delete", kind))
         self.objects.pop((kind, obj.metadata.name), None)
-
-    def get_job(self, namespace: str, name: str) -> Any:
-        return None
-
-    def list_pods(self, namespace: str, uid: str) -> list[Any]:
-        return []
 
     def job_events(self, namespace: str, job: str) -> list[tuple[str, str, str]]:
         return []
@@ -252,41 +244,40 @@ def reconciler(kube: FakeKube) -> tuple[Reconciler, list[tuple[str, str, str]]]:
 def test_a_refused_job_leaves_no_child_behind() -> None:
     kube = FakeKube(refuse={"Job": 422})
     rec, events = reconciler(kube)
-    failure = rec.reconcile(body())
+    failure = rec.reconcile(body(), Seen())
     assert failure is not None and failure.permanent
     assert failure.describe() == "Job j-train refused: Job refused: field x is bad"
-    assert not kube.objects
-    assert ("create", "Job") not in kube.calls
+    assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
+    # the newest first: the RoleBinding before the Role it binds
+    deleted = [kind for call, kind in kube.calls if call == "delete"]
+    assert sorted(deleted) == ["ConfigMap", "Role", "RoleBinding", "ServiceAccount"]
+    assert deleted.index("RoleBinding") < deleted.index("Role")
     assert kube.status is not None and kube.status["phase"] == "Failed"
     assert ("Warning", "ChildRejected", failure.describe()) in events
 
 
-def test_a_child_refused_for_real_after_the_dry_run_is_rolled_back() -> None:
-    kube = FakeKube(refuse={"Job": 403}, refuse_real_only=True)
+def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> None:
+    kube = FakeKube(refuse={"ConfigMap": 403})
     rec, _ = reconciler(kube)
-    failure = rec.reconcile(body())
+    failure = rec.reconcile(body(), Seen())
     assert failure is not None and not failure.permanent
-    assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
-    # the newest first: the RoleBinding (made with the Job) before what it binds
-    assert [c for c in kube.calls if c[0] == "delete"] == [
-        ("delete", "RoleBinding"), ("delete", "ConfigMap"), ("delete", "Role"),
-        ("delete", "ServiceAccount"),
-    ]  # fmt: skip
+    assert not kube.objects
+    assert ("create", "Job") not in kube.calls and ("create", "RoleBinding") not in kube.calls
     assert kube.status is not None and kube.status["phase"] == "Pending"
 
 
 def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
     kube = FakeKube()
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body()) is None
+    assert rec.reconcile(body(), Seen()) is None
     assert len(kube.objects) == 5
     del kube.objects[("Job", "j-train")]
-    assert rec.reconcile(body()) is None
+    assert rec.reconcile(body(), Seen()) is None
     assert ("Job", "j-train") in kube.objects
     del kube.objects[("Job", "j-train")]
     done = {"phase": "Succeeded", "jobName": "j-train", "message": "adapter written"}
     kube.calls.clear()
-    assert rec.reconcile(body(done)) is None
+    assert rec.reconcile(body(done), Seen()) is None
     assert kube.calls == []  # nothing created, nothing even tried
     assert ("Job", "j-train") not in kube.objects
     assert kube.status is not None and kube.status["phase"] == "Succeeded"
@@ -295,26 +286,86 @@ def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
 def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     """Undoing a refused pass deletes children; their DELETED events must not start another pass
     (that would loop as fast as events arrive). kopf's retry and a spec change still do."""
-    kube = FakeKube(refuse={"Job": 403}, refuse_real_only=True)
+    kube = FakeKube(refuse={"Job": 403})
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body()) is not None
+    assert rec.reconcile(body(), Seen()) is not None
     assert kube.status is not None
+    # Each undone child is recognised once, by its DELETED event; other deletions are not.
+    assert rec.undone("ServiceAccount", "ns", "j-trainer")
+    assert not rec.undone("ServiceAccount", "ns", "j-trainer")
+    assert not rec.undone("ConfigMap", "ns", "other")
     refused = body(kube.status)
     kube.get_finetunejob = lambda namespace, name: refused  # type: ignore[attr-defined]
     kube.calls.clear()
     kube.status = None
-    rec.refresh("ns", "j", heal="deleted")
+    rec.refresh("ns", "j", Seen(), heal="deleted")
     assert kube.calls == [] and kube.status is None  # nothing tried, the status left as it is
-    rec.refresh("ns", "j", heal=True)  # the periodic check does retry a passing refusal
-    assert ("dry-run", "Job") in kube.calls
+    rec.refresh("ns", "j", Seen(), heal=True)  # the periodic check does retry a passing refusal
+    assert ("create", "Job") in kube.calls
+
+
+def test_a_refresh_reads_the_watch_caches_not_the_api_server() -> None:
+    """Seen carries the Job, the pods (any uid: only the FineTuneJob's own count) and the node
+    the newest pod is bound to; the refresh asks the API server for nothing but the object."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    job = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}})
+    pod = {
+        "metadata": {"name": "j-train-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "gpu-a100"},
+        "status": {"phase": "Running", "containerStatuses": [
+            {"state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}
+        ]},
+    }  # fmt: skip
+    stale = {
+        **pod,
+        "metadata": {"name": "j-train-old", "creationTimestamp": "2026-01-02T00:00:00Z"},
+    }
+    a100 = GpuNode("gpu-a100", ComputeCapability(8, 0), 81920, "NVIDIA-A100-SXM4-80GB")
+    other = GpuNode("gpu-t4", ComputeCapability(7, 5), 15360, "Tesla-T4")
+    seen = Seen.collect(
+        job,
+        [("u1", PodView.from_api(pod)), ("old-uid", PodView.from_api(stale))],
+        {"gpu-a100": [a100], "gpu-t4": [other]},
+    )
+    assert seen.nodes == (a100,)  # the bound pod's node only
+    kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
+    rec.refresh("ns", "j", seen)
+    assert kube.calls == []
+    assert kube.status is not None and kube.status["phase"] == "Running"
+    assert kube.status["placement"]["node"] == "gpu-a100"
+    assert kube.status["placement"]["gpuProduct"] == "NVIDIA-A100-SXM4-80GB"
+
+
+def test_an_unschedulable_pod_is_explained_from_every_cached_gpu_node() -> None:
+    pod = {
+        "metadata": {"name": "p", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {"conditions": [{"type": "PodScheduled", "status": "False",
+                                   "message": "0/1 nodes are available"}]},
+    }  # fmt: skip
+    t4 = GpuNode("gpu-t4", ComputeCapability(7, 5), 15360, "Tesla-T4")
+    seen = Seen.collect(None, [("u1", PodView.from_api(pod))], {"gpu-t4": [t4]})
+    assert seen.nodes == (t4,)
+    assert Seen.collect(None, [("u1", PodView.from_api(pod))], None).nodes == ()
 
 
 def test_the_role_binding_and_the_job_come_after_what_they_need() -> None:
     """The API server refuses to bind a Role that does not exist yet (it checks that the operator
-    holds what the binding grants); the Job's pods need the ConfigMap and the ServiceAccount."""
+    holds what the binding grants); the Job's pods need their ServiceAccount. Nothing else waits:
+    the Job goes out as soon as its ServiceAccount exists."""
     kube = FakeKube()
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body()) is None
+    assert rec.reconcile(body(), Seen()) is None
     creates = [kind for call, kind in kube.calls if call == "create"]
-    assert sorted(creates[:3]) == ["ConfigMap", "Role", "ServiceAccount"]
-    assert sorted(creates[3:]) == ["Job", "RoleBinding"]
+    assert sorted(creates) == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert creates.index("Job") > creates.index("ServiceAccount")
+    assert creates.index("RoleBinding") > creates.index("Role")
+
+
+def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
+    kube = FakeKube(refuse={"ServiceAccount": 403})
+    rec, _ = reconciler(kube)
+    failure = rec.reconcile(body(), Seen())
+    assert failure is not None and failure.kind == "ServiceAccount"
+    assert ("create", "Job") not in kube.calls
+    assert not kube.objects  # the Role, RoleBinding and ConfigMap made meanwhile: deleted again
