@@ -175,11 +175,14 @@ async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: An
 async def _tick_forever() -> None:
     while True:
         await asyncio.sleep(TICK_SECONDS)
+        by_namespace: dict[str, list[tuple[str, Seen]]] = {}
         for namespace, name in list(_awaiting_pod):
+            by_namespace.setdefault(namespace, []).append((name, _seen(namespace, name)))
+        for namespace, waiting in by_namespace.items():
             try:
-                await asyncio.to_thread(_reconciler().tick, namespace, name, _seen(namespace, name))
-            except Exception:  # one job's trouble never stops the others' checks
-                log.exception("periodic check of %s/%s failed", namespace, name)
+                await asyncio.to_thread(_reconciler().tick, namespace, waiting)
+            except Exception:  # one namespace's trouble never stops the others' checks
+                log.exception("periodic check of namespace %s failed", namespace)
 
 
 def _ensure_ticker() -> None:

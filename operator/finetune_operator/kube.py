@@ -122,22 +122,23 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def job_events(self, namespace: str, job: str) -> list[tuple[str, str, str]]:
-        """Warning Events about a Job (e.g. FailedCreate), oldest first: (time, reason, message)."""
+    def job_warnings(self, namespace: str) -> dict[str, list[tuple[str, str, str]]]:
+        """Warning Events about the namespace's Jobs (e.g. FailedCreate), by Job name, oldest
+        first: (time, reason, message). One request for every job the periodic check looks at."""
         events = self.core.list_namespaced_event(
-            namespace,
-            field_selector=f"involvedObject.kind=Job,involvedObject.name={job},type=Warning",
-            **RAW,
+            namespace, field_selector="involvedObject.kind=Job,type=Warning", **RAW
         )
-        found = []
+        found: dict[str, list[tuple[str, str, str]]] = {}
         for event in _json(events)["items"]:
             when = (
                 event.get("lastTimestamp")
                 or event.get("eventTime")
                 or event["metadata"].get("creationTimestamp")
             )
-            found.append((str(when or ""), event.get("reason") or "", event.get("message") or ""))
-        return sorted(found)
+            job = (event.get("involvedObject") or {}).get("name") or ""
+            entry = (str(when or ""), event.get("reason") or "", event.get("message") or "")
+            found.setdefault(job, []).append(entry)
+        return {job: sorted(entries) for job, entries in found.items()}
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 NEEDS = {"Job": ("ServiceAccount", "ResourceClaimTemplate"), "RoleBinding": ("Role",)}
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
+# Warning Events on a Job, oldest first: (time, reason, message).
+JobEvents = tuple[tuple[str, str, str], ...]
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 
@@ -189,11 +191,11 @@ class Reconciler:
         seen: Seen,
         *,
         heal: bool | Literal["deleted"] = False,
-        job_events: bool = False,
+        job_events: JobEvents | None = None,
     ) -> None:
         """A child changed: recompute the owner's status from `seen`; `heal` (the periodic
         check, or "deleted": a child was deleted) also re-creates missing children, as reconcile
-        does; `job_events` (the periodic check) also reads the Job's Warning Events."""
+        does; `job_events` (the periodic check) are the Job's Warning Events."""
         with self._lock(namespace, name):
             body = self.kube.get_finetunejob(namespace, name)
             if body is None or body["metadata"].get("deletionTimestamp"):
@@ -212,10 +214,24 @@ class Reconciler:
                 requirement = gpu_requirement(spec, self.settings)
                 self._refresh(body, spec, requirement, seen, job_events=job_events)
 
-    def tick(self, namespace: str, name: str, seen: Seen) -> None:
-        """Periodic check of a job that waits for its pod: heal a missing Job, refresh the status
-        with the Job's Events (the Job controller's FailedCreate changes no watched object)."""
-        self.refresh(namespace, name, seen, heal=seen.job is None, job_events=True)
+    def tick(self, namespace: str, waiting: Sequence[tuple[str, Seen]]) -> None:
+        """Periodic check of a namespace's jobs that wait for their pod: heal a missing Job, and
+        refresh the status of a job whose Job the Job controller says it cannot make a pod for
+        (FailedCreate: only an Event, no watched object changes). The Events are listed once for
+        the namespace, and only jobs with something to say are refreshed."""
+        warnings: dict[str, list[tuple[str, str, str]]] | None = None
+        for name, seen in waiting:
+            try:
+                if seen.job is None:
+                    self.refresh(namespace, name, seen, heal=True)
+                    continue
+                if warnings is None:
+                    warnings = self.kube.job_warnings(namespace)
+                events = warnings.get(seen.job.name)
+                if events:
+                    self.refresh(namespace, name, seen, job_events=tuple(events))
+            except Exception:  # one job's trouble never stops the others' checks
+                log.exception("periodic check of %s/%s failed", namespace, name)
 
     def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
@@ -306,14 +322,12 @@ class Reconciler:
         seen: Seen,
         failure: ChildFailure | None = None,
         *,
-        job_events: bool = False,
+        job_events: JobEvents | None = None,
     ) -> None:
         job = identity(body)
         job_view = seen.job
         pods = tuple(p for uid, p in seen.pods if uid == job.uid)
-        events: tuple[tuple[str, str, str], ...] | None = None
-        if job_events and job_view is not None and not pods:
-            events = tuple(self.kube.job_events(job.namespace, job_view.name))
+        events = job_events if job_view is not None and not pods else None
         newest = max(pods, key=lambda p: (p.created, p.name), default=None)
         node = diagnosis = allocation = None
         if newest is not None and self.settings.dra:

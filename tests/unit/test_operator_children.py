@@ -194,6 +194,7 @@ class FakeKube:
         self.objects: dict[tuple[str, str], Any] = {}
         self.calls: list[tuple[str, str]] = []
         self.status: dict[str, Any] | None = None
+        self.warnings: dict[str, list[tuple[str, str, str]]] = {}
 
     def create_if_missing(self, obj: Any) -> bool:
         kind = type(obj).__name__.removeprefix("V1")
@@ -214,8 +215,9 @@ class FakeKube:
         self.calls.append(("delete", kind))
         self.objects.pop((kind, obj.metadata.name), None)
 
-    def job_events(self, namespace: str, job: str) -> list[tuple[str, str, str]]:
-        return []
+    def job_warnings(self, namespace: str) -> dict[str, list[tuple[str, str, str]]]:
+        self.calls.append(("list", "Event"))
+        return self.warnings
 
     def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         self.status = status
@@ -369,3 +371,24 @@ def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
     assert failure is not None and failure.kind == "ServiceAccount"
     assert ("create", "Job") not in kube.calls
     assert not kube.objects  # the Role, RoleBinding and ConfigMap made meanwhile: deleted again
+
+
+def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news() -> None:
+    """Jobs waiting for a pod: one Event listing for the namespace; a job whose Job the Job
+    controller cannot make a pod for gets FailedCreate, the others are left alone, and one
+    without a Job gets it made again."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    view = JobView.from_api({"metadata": {"name": "j-train"}})
+    quiet = JobView.from_api({"metadata": {"name": "other-train"}})
+    kube.warnings = {"j-train": [("2026-01-01T00:00:01Z", "FailedCreate", "pods is forbidden")]}
+    kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
+    rec.tick("ns", [("j", Seen(job=view)), ("other", Seen(job=quiet))])
+    assert kube.calls == [("list", "Event")]
+    assert kube.status is not None
+    scheduled = next(c for c in kube.status["conditions"] if c["type"] == "Scheduled")
+    assert (scheduled["reason"], kube.status["phase"]) == ("FailedCreate", "Pending")
+    assert scheduled["message"].endswith("pods is forbidden")
+    kube.calls.clear()
+    rec.tick("ns", [("j", Seen())])  # the Job is gone: made again, no Events needed
+    assert ("create", "Job") in kube.calls and ("list", "Event") not in kube.calls
