@@ -26,14 +26,11 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io", "v1", "rolebindings"),
     ("resource.k8s.io", "v1", "resourceclaimtemplates"),
 )
-# At most this many objects of one watched kind are processed at once; the rest wait in kopf's
-# queues as received. Without a limit a burst of FineTuneJobs started a worker (with its event,
-# its handler's state and kopf's) for every object at once: the operator's memory grew with the
-# size of the burst, not with what it could process.
-WORKER_LIMIT = 32
 # How long an object's worker waits for its next event before it ends (kopf's default: 5 s). A
-# job's events come seconds apart; a worker kept for each meanwhile held a slot of the limit
-# above and its last event's body.
+# job's events come seconds apart; a worker kept meanwhile holds its last event's body.
+# (kopf's `queueing.worker_limit` must stay unset: with indices, each worker of the first listing
+# waits until every object is indexed, so more objects than the limit never start: a deadlock
+# seen with 1,000 nodes.)
 WORKER_IDLE_SECONDS = 0.1
 HANDLER_THREADS = 8
 
@@ -46,7 +43,6 @@ def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = HANDLER_THREADS
-    settings.queueing.worker_limit = WORKER_LIMIT
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
     for kind in CHILD_KINDS:
         settings.watching.label_selectors[kind] = LABEL_UID

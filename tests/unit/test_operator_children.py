@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import kopf
 import pytest
 from kubernetes.client.exceptions import ApiException
 
 from finetune_api import ComputeCapability
 from finetune_api.resource import FineTuneJobStatus
+from finetune_operator import tuning
 from finetune_operator.children import ChildFailure
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import GpuNode, GpuRequirement
@@ -392,3 +394,13 @@ def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news(
     kube.calls.clear()
     rec.tick("ns", [("j", Seen())])  # the Job is gone: made again, no Events needed
     assert ("create", "Job") in kube.calls and ("list", "Event") not in kube.calls
+
+
+def test_kopf_runs_every_object_of_a_first_listing_at_once() -> None:
+    """With indices, each of kopf's per-object workers of the first listing waits until every
+    object is indexed; a worker limit below the number of objects (1,000 GPU nodes) never let
+    the rest start, and the operator handled nothing. The limit must stay unset."""
+    settings = kopf.OperatorSettings()
+    tuning.tune(settings, "nvidia.com/gpu.compute.major")
+    assert settings.queueing.worker_limit is None
+    assert settings.queueing.idle_timeout < 1
