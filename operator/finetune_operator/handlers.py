@@ -49,7 +49,7 @@ def configure(settings: Settings) -> None:
         kopf.index("", "v1", "nodes", labels={settings.labels.compute_major: kopf.PRESENT})(
             gpu_nodes
         )
-    if settings.dra:
+    else:
         # The ResourceClaimTemplate is a child only with DRA (and the chart's RBAC has it then).
         kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=CHILD_LABELS)(
             child_changed
