@@ -42,7 +42,14 @@ from finetune_operator.placement import (
     gpu_requirement,
 )
 from finetune_operator.settings import Settings
-from finetune_operator.status import Observation, Transition, derive, finished
+from finetune_operator.status import (
+    JobEvents,
+    Observation,
+    Transition,
+    derive,
+    finished,
+    newest_pod,
+)
 
 log = logging.getLogger(__name__)
 # Children are created concurrently, each as soon as what it needs exists: binding a Role needs
@@ -53,8 +60,6 @@ log = logging.getLogger(__name__)
 NEEDS = {"Job": ("ServiceAccount", "ResourceClaimTemplate"), "RoleBinding": ("Role",)}
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
-# Warning Events on a Job, oldest first: (time, reason, message).
-JobEvents = tuple[tuple[str, str, str], ...]
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
 EventSink = Callable[[Mapping[str, Any], str, str, str], None]
 
@@ -97,7 +102,7 @@ class Seen:
         nodes: Mapping[str, Iterable[GpuNode]] | None,
     ) -> Seen:
         owned = tuple(pods)
-        newest = max((p for _, p in owned), key=lambda p: (p.created, p.name), default=None)
+        newest = newest_pod(p for _, p in owned)
         needed: tuple[GpuNode, ...] = ()
         if nodes is not None and newest is not None:
             if newest.node is not None:
@@ -328,7 +333,7 @@ class Reconciler:
         job_view = seen.job
         pods = tuple(p for uid, p in seen.pods if uid == job.uid)
         events = job_events if job_view is not None and not pods else None
-        newest = max(pods, key=lambda p: (p.created, p.name), default=None)
+        newest = newest_pod(pods)
         node = diagnosis = allocation = None
         if newest is not None and self.settings.dra:
             node, diagnosis, allocation = self._dra_placement(job.namespace, requirement, newest)

@@ -7,7 +7,7 @@ placement, result, times. The trainer owns `status.progress`; nothing here write
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +27,8 @@ from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import Diagnosis, GpuNode, GpuRequirement
 
 ConditionStatus = Literal["True", "False", "Unknown"]
+# Warning Events on a Job, oldest first: (time, reason, message).
+JobEvents = tuple[tuple[str, str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Observation:
     expected_job: str | None = None  # the training Job's name
     # Warning Events on the Job, oldest first; None when not looked at (only the periodic check
     # lists them): a FailedCreate already reported then stands until a pod appears.
-    job_events: tuple[tuple[str, str, str], ...] | None = None
+    job_events: JobEvents | None = None
     queue: str | None = None  # the LocalQueue (kueue.x-k8s.io/queue-name label), if queued
     workload: WorkloadView | None = None  # Kueue's Workload for the Job
 
@@ -113,14 +115,15 @@ def finished(status: FineTuneJobStatus) -> bool:
     return status.phase in FINAL_PHASES and status.job_name is not None
 
 
-def _newest(pods: tuple[PodView, ...]) -> PodView | None:
+def newest_pod(pods: Iterable[PodView]) -> PodView | None:
+    """The pod made last (a Job's retries and replacements are new pods)."""
     return max(pods, key=lambda p: (p.created, p.name), default=None)
 
 
 def _rank0_succeeded(pods: tuple[PodView, ...]) -> PodView | None:
     """The newest Succeeded pod that ran rank 0 (index 0 of a multi-node job): its outcome is
     the run's result."""
-    return _newest(tuple(p for p in pods if p.phase == "Succeeded" and not p.index))
+    return newest_pod(tuple(p for p in pods if p.phase == "Succeeded" and not p.index))
 
 
 def hopeless_pod(pods: tuple[PodView, ...]) -> PodView | None:
@@ -138,7 +141,7 @@ def _placement(obs: Observation, previous: PlacementStatus | None) -> PlacementS
         architecture=requirement.min_capability.architecture,
         estimated_gpu_memory_mib=requirement.memory.required_mib if requirement.memory else None,
     )
-    newest = _newest(obs.pods)
+    newest = newest_pod(obs.pods)
     # What was seen of the same placement stays when it can no longer be read (a DRA claim is
     # deallocated once its pod has finished; a node may be gone).
     same = None
@@ -278,7 +281,7 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
     if missing is not None:
         return missing
     job = obs.job
-    pod = _newest(obs.pods)
+    pod = newest_pod(obs.pods)
     if job is None:
         b.set(ConditionType.SCHEDULED, "Unknown", "JobPending", "creating the training Job")
         b.clear(ConditionType.RUNNING, "JobPending", "the training Job is being created")
@@ -377,7 +380,7 @@ def _finished(
         return Phase.SUCCEEDED, "Completed", message
     hopeless = hopeless_pod(obs.pods)
     if job.failed_reason is not None or hopeless is not None:
-        failed = hopeless or _newest(tuple(p for p in obs.pods if p.phase == "Failed"))
+        failed = hopeless or newest_pod(tuple(p for p in obs.pods if p.phase == "Failed"))
         if failed is not None:
             reason = (
                 "InvalidInput" if hopeless is not None else (job.failed_reason or "TrainingFailed")
