@@ -24,7 +24,8 @@ setup: ## Install Debian packages, .venv, kubectl/helm and the control-plane bin
 demo: setup ## Local demo: control plane, simulated GPU nodes, the operator, one job per scheme
 	$(PY) hack/demo.py
 
-test: setup ## Unit, integration (local control plane), training (tiny models on CPU); not e2e
+test: setup ## Unit, integration (local control plane), the real node, training (tiny models on CPU); not e2e
+	hack/node-binaries.sh >/dev/null
 	$(PY) -m pytest
 
 test-unit: setup ## Fast unit tests only

@@ -32,6 +32,7 @@ from realnode import (
     SYSCTLS,
     RealNode,
     default_address,
+    find_node_binaries,
 )
 
 from finetune_api.resource import FineTuneJobSpec
@@ -56,7 +57,10 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def before() -> dict[str, Any]:
-    """What the host looked like before the node started (the teardown test compares)."""
+    """What the host looked like before the node started (the teardown test compares). The node's
+    binaries and Debian packages (iptables among them) come first, so `pytest -m node` works on a
+    fresh machine without `make test-node`."""
+    find_node_binaries()
     return {
         "chains": nodeclean.chains(),
         "sysctls": nodeclean.read_sysctls(SYSCTLS),
