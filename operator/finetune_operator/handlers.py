@@ -125,7 +125,7 @@ def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     ours: Settings = _state["settings"]
-    tuning.tune(settings, None if ours.dra else ours.labels.compute_major)
+    _state["specs"] = tuning.tune(settings, None if ours.dra else ours.labels.compute_major)
     if ours.webhook:
         service = None
         if ours.webhook_service and ours.webhook_namespace:
@@ -170,6 +170,7 @@ async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: An
         _awaiting_pod.pop(key, None)
     if event.get("type") == "DELETED":
         _reconciler().forget(*key)
+        _state["specs"].forget(body.metadata.uid or "")
 
 
 async def _tick_forever() -> None:

@@ -5,7 +5,10 @@ No decorators here (handlers.py has them all); `tune` is called from the start-u
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+from typing import Any, cast
 
 import kopf
 
@@ -35,12 +38,69 @@ WORKER_IDLE_SECONDS = 0.1
 HANDLER_THREADS = 8
 
 
-def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> None:
-    """Apply the operator's kopf settings; `gpu_label` also selects the GPU nodes server-side."""
-    # Keep kopf's bookkeeping in annotations under our prefix: status stays ours, and only
-    # warnings from kopf itself become Events (our phase transitions post their own).
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+class SpecMemory(kopf.DiffBaseStorage):
+    """The last handled spec of each FineTuneJob, kept in the operator's memory (compact JSON by
+    uid) instead of kopf's default annotation on the object, which cost a PATCH after every
+    create and spec change, and the FineTuneJob event that PATCH caused.
+
+    Only the spec: the operator acts on spec changes alone. Losing it all on a restart is
+    harmless: kopf then sees every FineTuneJob as new and runs the one reconcile its create,
+    update and resume handlers share, as it would have run on resume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._specs: dict[str, str] = {}
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {"spec": copy.deepcopy(dict(body.get("spec") or {}))})
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        found = self._specs.get(body.metadata.uid or "")
+        return None if found is None else cast(kopf.BodyEssence, json.loads(found))
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        self._specs[body.metadata.uid or ""] = json.dumps(essence, separators=(",", ":"))
+
+    def forget(self, uid: str) -> None:
+        """The FineTuneJob is gone."""
+        self._specs.pop(uid, None)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+class RetryAnnotations(kopf.AnnotationsProgressStorage):
+    """kopf's progress in annotations, written only while a handler retries. kopf also brands
+    the object with a `<prefix>/kopf-managed` marker whenever it stores progress, even progress
+    it purges in the same patch once the handler succeeded: a PATCH and an event for every new
+    FineTuneJob. The marker now goes only with a progress record that stays."""
+
+    def purge(self, *, key: kopf.HandlerId, body: kopf.Body, patch: kopf.Patch) -> None:
+        super().purge(key=key, body=body, patch=patch)
+        annotations = patch.get("metadata", {}).get("annotations", {})
+        marker = f"{self.prefix}/kopf-managed"
+        kept = [
+            k
+            for k, v in annotations.items()
+            if k.startswith(f"{self.prefix}/") and k != marker and v is not None
+        ]
+        if marker in annotations and not kept:
+            del annotations[marker]
+            if not annotations:
+                del patch["metadata"]["annotations"]
+            if not patch["metadata"]:
+                del patch["metadata"]
+
+
+def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> SpecMemory:
+    """Apply the operator's kopf settings; `gpu_label` also selects the GPU nodes server-side.
+    Returns the spec memory (the caller drops a deleted FineTuneJob's)."""
+    # Keep kopf's retry bookkeeping in annotations under our prefix (written only while a
+    # handler retries): status stays ours, and only warnings from kopf itself become Events
+    # (our phase transitions post their own).
+    settings.persistence.progress_storage = RetryAnnotations(prefix=GROUP)
+    memory = SpecMemory()
+    settings.persistence.diffbase_storage = memory
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = HANDLER_THREADS
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
@@ -48,3 +108,4 @@ def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> None:
         settings.watching.label_selectors[kind] = LABEL_UID
     if gpu_label is not None:
         settings.watching.label_selectors["", "v1", "nodes"] = gpu_label
+    return memory

@@ -290,6 +290,10 @@ def test_spec_change_after_start_is_reported_not_applied(namespace: Namespace) -
     )
     assert "Delete and re-create" in cond["message"]
     assert namespace.ftj("steady")["status"]["observedGeneration"] == 2
+    # The spec change was noticed from the operator's memory of the last handled spec: kopf's
+    # bookkeeping is not written onto the object (no annotation, and no PATCH for one).
+    annotations = namespace.ftj("steady")["metadata"].get("annotations") or {}
+    assert not [k for k in annotations if k.startswith("finetune.dev/")], annotations
     job_after = namespace.jobs()[0]
     assert job_after.metadata.uid == job_before.metadata.uid
     assert (

@@ -4,7 +4,7 @@ so, with the API server's or the kubelet's own message, and a finished job is ne
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -404,3 +404,52 @@ def test_kopf_runs_every_object_of_a_first_listing_at_once() -> None:
     tuning.tune(settings, "nvidia.com/gpu.compute.major")
     assert settings.queueing.worker_limit is None
     assert settings.queueing.idle_timeout < 1
+
+
+def test_the_last_handled_spec_is_kept_in_memory_not_on_the_object() -> None:
+    """kopf's diff base is the spec alone, kept by uid in the operator: a status or metadata
+    change is no change, a spec change is, nothing is written onto the FineTuneJob, and a
+    deleted job's spec is dropped."""
+    settings = kopf.OperatorSettings()
+    specs = tuning.tune(settings)
+    assert settings.persistence.diffbase_storage is specs
+
+    def ftj(spec: dict[str, Any], **extra: Any) -> kopf.Body:
+        raw = {"metadata": {"name": "j", "uid": "u1", "labels": {"a": "b"}}, "spec": spec}
+        return kopf.Body(cast(Any, {**raw, **extra}))
+
+    first = ftj({"model": {"name": "m"}})
+    assert specs.fetch(body=first) is None  # new to this operator: kopf's create (or resume)
+    patch = kopf.Patch()
+    specs.store(body=first, patch=patch, essence=specs.build(body=first))
+    assert not patch  # nothing written onto the object
+    assert specs.fetch(body=first) == {"spec": {"model": {"name": "m"}}}
+    status_only = ftj({"model": {"name": "m"}}, status={"phase": "Running"})
+    assert specs.build(body=status_only) == specs.fetch(body=status_only)
+    changed = ftj({"model": {"name": "n"}})
+    assert specs.build(body=changed) != specs.fetch(body=changed)
+    specs.forget("u1")
+    assert specs.fetch(body=first) is None and len(specs) == 0
+
+
+def test_kopfs_marker_goes_only_with_a_progress_record_that_stays() -> None:
+    """A handler that succeeds at once leaves nothing to write onto the FineTuneJob (kopf's own
+    storage would still write its `kopf-managed` marker: a PATCH per new job); a retry's record
+    keeps the marker with it."""
+    settings = kopf.OperatorSettings()
+    tuning.tune(settings)
+    storage = settings.persistence.progress_storage
+    body = kopf.Body(cast(Any, {"metadata": {"name": "j", "uid": "u1"}}))
+    handler = kopf.HandlerId("reconcile")
+    record = cast(kopf.ProgressRecord, {"started": "2026-01-01T00:00:00", "retries": 0})
+
+    done = kopf.Patch()
+    storage.store(key=handler, record=record, body=body, patch=done)
+    storage.purge(key=handler, body=body, patch=done)
+    assert dict(done) == {}
+
+    retrying = kopf.Patch()
+    storage.store(key=handler, record={**record, "retries": 1}, body=body, patch=retrying)
+    annotations = retrying["metadata"]["annotations"]
+    assert annotations["finetune.dev/kopf-managed"] == "yes"
+    assert json.loads(annotations["finetune.dev/reconcile"])["retries"] == 1
