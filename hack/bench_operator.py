@@ -113,6 +113,14 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return cpu, rss
 
 
+def peak_rss(pid: int) -> float:
+    """The process's peak RSS so far, MiB (VmHWM): what a memory limit must hold."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
@@ -205,6 +213,7 @@ class Bench:
             "settled_cpu_seconds": round(cpu2 - cpu0, 1),
             "rss_before_mib": round(rss0, 1),
             "rss_after_mib": round(rss1, 1),
+            "rss_peak_mib": round(peak_rss(pid), 1),
             "waiting_cpu_seconds_per_minute": None if waiting is None else round(waiting, 2),
         }
 
@@ -375,14 +384,16 @@ def table(result: dict[str, Any]) -> str:
     lines.append(
         f"operator settled {burst['settled_seconds']:.0f} s after the burst began; then, while "
         f"its {burst['jobs']} jobs wait for a node: "
-        f"{burst['waiting_cpu_seconds_per_minute']:.2f} CPU-s per minute"
+        f"{burst['waiting_cpu_seconds_per_minute']:.2f} CPU-s per minute; its peak RSS "
+        f"{burst['rss_peak_mib']:.0f} MiB"
     )
     second = burst.get("second")
     if second is not None:
         lines.append(
             f"a second burst of {second['jobs']} (the operator then holds {2 * second['jobs']} "
             f"jobs): {second['jobs_per_second']:.1f} Jobs/s, {second['cpu_seconds']:.1f} CPU-s, "
-            f"RSS {second['rss_before_mib']:.0f} -> {second['rss_after_mib']:.0f} MiB"
+            f"RSS {second['rss_before_mib']:.0f} -> {second['rss_after_mib']:.0f} MiB "
+            f"(peak {second['rss_peak_mib']:.0f})"
         )
     return "\n".join(lines)
 
