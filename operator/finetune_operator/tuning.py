@@ -52,7 +52,7 @@ class SpecMemory(kopf.DiffBaseStorage):
         self._specs: dict[str, str] = {}
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        return cast(kopf.BodyEssence, {"spec": copy.deepcopy(dict(body.get("spec") or {}))})
+        return cast(kopf.BodyEssence, {"spec": copy.deepcopy(body.get("spec") or {})})
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         found = self._specs.get(body.metadata.uid or "")
