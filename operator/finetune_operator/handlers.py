@@ -42,7 +42,7 @@ _state: dict[str, Any] = {}
 def configure(settings: Settings) -> None:
     load_config()
     _state["settings"] = settings
-    _state["reconciler"] = Reconciler(settings, Kube(), _post_event)
+    _state["reconciler"] = Reconciler(settings, Kube(), _post_event, _look)
     if not settings.dra:
         # The GPU nodes, for the placement shown in the status and why a pod cannot be placed
         # (with DRA the ResourceSlices say that).
@@ -64,7 +64,8 @@ def configure(settings: Settings) -> None:
 # --- watch caches: kopf indices, kept from the watch streams kopf has open anyway -------------
 # kopf runs no other handler until every index has been filled from its first listing, so a
 # status is never derived from a cache still loading (at start-up every job is looked at).
-# Indices are read only in the event loop (they change there); the reconciler gets a Seen.
+# Indices are read only in the event loop (they change there): a pass on a worker thread asks the
+# loop for its Seen (_look) once it holds its job's lock.
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -91,6 +92,7 @@ def gpu_nodes(name: str | None, labels: Mapping[str, str], **_: Any) -> dict[str
 def _keep_indices(kwargs: Mapping[str, Any]) -> None:
     """kopf hands its indices to every handler; keep them for the periodic check's task."""
     if "indices" not in _state:
+        _state["loop"] = asyncio.get_running_loop()
         _state["indices"] = {
             k: kwargs.get(k) for k in ("training_jobs", "training_pods", "gpu_nodes")
         }
@@ -104,6 +106,17 @@ def _seen(namespace: str, name: str) -> Seen:
         indices["training_pods"].get((namespace, name), ()),
         indices["gpu_nodes"],
     )
+
+
+def _look(namespace: str, name: str) -> Seen:
+    """The watch caches' view of one job now, for a pass on a worker thread: collected in the
+    event loop, which the thread waits for (the loop itself never waits for a pass)."""
+    loop: asyncio.AbstractEventLoop = _state["loop"]
+
+    async def collect() -> Seen:
+        return _seen(namespace, name)
+
+    return asyncio.run_coroutine_threadsafe(collect(), loop).result()
 
 
 def validate(body: kopf.Body, **kwargs: Any) -> None:
@@ -143,8 +156,7 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(*FTJ, field="spec")
 async def reconcile(body: kopf.Body, **kwargs: Any) -> None:
     _keep_indices(kwargs)
-    seen = _seen(body.metadata.namespace or "", body.metadata.name or "")
-    failure = await asyncio.to_thread(_reconciler().reconcile, body, seen)
+    failure = await asyncio.to_thread(_reconciler().reconcile, body)
     if failure is not None:  # already in the status and an Event; kopf retries only if it can help
         if failure.permanent:
             raise kopf.PermanentError(failure.describe())
@@ -176,9 +188,9 @@ async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: An
 async def _tick_forever() -> None:
     while True:
         await asyncio.sleep(TICK_SECONDS)
-        by_namespace: dict[str, list[tuple[str, Seen]]] = {}
+        by_namespace: dict[str, list[str]] = {}
         for namespace, name in list(_awaiting_pod):
-            by_namespace.setdefault(namespace, []).append((name, _seen(namespace, name)))
+            by_namespace.setdefault(namespace, []).append(name)
         for namespace, waiting in by_namespace.items():
             try:
                 await asyncio.to_thread(_reconciler().tick, namespace, waiting)
@@ -209,7 +221,7 @@ async def _refresh_later(namespace: str, name: str) -> None:
     await asyncio.sleep(REFRESH_DELAY_SECONDS)
 
     _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
-    await asyncio.to_thread(_reconciler().refresh, namespace, name, _seen(namespace, name))
+    await asyncio.to_thread(_reconciler().refresh, namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -232,8 +244,7 @@ async def child_changed(
     if event.get("type") == "DELETED" and resource.plural != "pods":
         if _reconciler().undone(body.get("kind", ""), namespace, body.metadata.name or ""):
             return
-        seen = _seen(namespace, owner)
-        await asyncio.to_thread(_reconciler().refresh, namespace, owner, seen, heal="deleted")
+        await asyncio.to_thread(_reconciler().refresh, namespace, owner, heal="deleted")
     elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
@@ -251,5 +262,4 @@ async def workload_changed(body: kopf.Body, **kwargs: Any) -> None:
         jobs = _state["indices"]["training_jobs"].get((namespace, owner["name"]), ())
         view = next(iter(jobs), None)
         if view is not None and view.owner:  # one of ours
-            seen = _seen(namespace, view.owner)
-            await asyncio.to_thread(_reconciler().refresh, namespace, view.owner, seen)
+            await asyncio.to_thread(_reconciler().refresh, namespace, view.owner)

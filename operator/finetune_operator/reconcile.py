@@ -84,8 +84,8 @@ def identity(body: Mapping[str, Any]) -> JobIdentity:
 @dataclass(frozen=True)
 class Seen:
     """What the operator's watch caches (kopf indices of Jobs, pods and GPU nodes) hold for one
-    FineTuneJob, read in the event loop and handed to the reconciler: a status refresh reads
-    nothing from the API server. `pods` are every pod labelled with the job's name, each with
+    FineTuneJob, read in the event loop when a pass asks (Reconciler.look): a status refresh
+    reads nothing from the API server but the object. `pods` are every pod labelled with the job's name, each with
     its owner's uid (a FineTuneJob deleted and made again under the same name has a new uid);
     `nodes` are the GPU nodes the newest pod needs: the one it is bound to, or, while it cannot
     be scheduled, all of them."""
@@ -133,13 +133,21 @@ def _refused(body: Mapping[str, Any]) -> bool:
     )
 
 
+# What the watch caches hold for a FineTuneJob (namespace, name), as they are at the call.
+Look = Callable[[str, str], Seen]
+
+
 class Reconciler:
-    def __init__(self, settings: Settings, kube: Kube, events: EventSink) -> None:
+    def __init__(self, settings: Settings, kube: Kube, events: EventSink, look: Look) -> None:
         self.settings = settings
         self.kube = kube
         self.events = events
-        # One pass at a time per FineTuneJob (namespace, name): a refresh reads the object inside
-        # it, so it never acts on a status older than the last pass wrote.
+        self.look = look
+        # One pass at a time per FineTuneJob (namespace, name). A pass reads the object and
+        # looks at the watch caches inside it, never before: it never acts on a status, or on
+        # observations, older than those the pass before it wrote from. (A snapshot taken while
+        # waiting for the lock could be older than the one the pass holding it uses: a pod's
+        # Running seen after its Succeeded would turn a finished job back into a running one.)
         self._locks: defaultdict[tuple[str, str], threading.RLock] = defaultdict(threading.RLock)
         self._locks_guard = threading.Lock()
         # Children this operator deleted to undo a refused pass: their DELETED events are no
@@ -163,7 +171,7 @@ class Reconciler:
             self._undone.discard(key)
             return found
 
-    def reconcile(self, body: Mapping[str, Any], seen: Seen) -> ChildFailure | None:
+    def reconcile(self, body: Mapping[str, Any]) -> ChildFailure | None:
         """FineTuneJob created, changed or seen at start-up, or a child of it deleted: ensure the
         children (unless the job has finished: Succeeded and Failed are final), refresh status.
         Returns the refusal of a child, already reported in the status and an Event."""
@@ -186,6 +194,7 @@ class Reconciler:
             if not created_job:
                 # (A Job made just now is followed by its own event, whose refresh writes the
                 # status: one status write and one FineTuneJob event fewer per new job.)
+                seen = self.look(job.namespace, job.name)
                 self._refresh(body, spec, requirement, seen, failure)
             return failure
 
@@ -193,12 +202,11 @@ class Reconciler:
         self,
         namespace: str,
         name: str,
-        seen: Seen,
         *,
         heal: bool | Literal["deleted"] = False,
         job_events: JobEvents | None = None,
     ) -> None:
-        """A child changed: recompute the owner's status from `seen`; `heal` (the periodic
+        """A child changed: recompute the owner's status from the watch caches; `heal` (the periodic
         check, or "deleted": a child was deleted) also re-creates missing children, as reconcile
         does; `job_events` (the periodic check) are the Job's Warning Events."""
         with self._lock(namespace, name):
@@ -210,31 +218,33 @@ class Reconciler:
                 # check or a spec change, not at the speed of its children's events.
                 return
             if heal:
-                failure = self.reconcile(body, seen)
+                failure = self.reconcile(body)
                 if failure is not None:
                     log.warning("%s/%s: %s", namespace, name, failure.describe())
                 return
             spec, _invalid = parse_spec(body)
             if spec is not None:
                 requirement = gpu_requirement(spec, self.settings)
+                seen = self.look(namespace, name)
                 self._refresh(body, spec, requirement, seen, job_events=job_events)
 
-    def tick(self, namespace: str, waiting: Sequence[tuple[str, Seen]]) -> None:
+    def tick(self, namespace: str, waiting: Sequence[str]) -> None:
         """Periodic check of a namespace's jobs that wait for their pod: heal a missing Job, and
         refresh the status of a job whose Job the Job controller says it cannot make a pod for
         (FailedCreate: only an Event, no watched object changes). The Events are listed once for
         the namespace, and only jobs with something to say are refreshed."""
         warnings: dict[str, list[tuple[str, str, str]]] | None = None
-        for name, seen in waiting:
+        for name in waiting:
             try:
-                if seen.job is None:
-                    self.refresh(namespace, name, seen, heal=True)
+                job = self.look(namespace, name).job
+                if job is None:
+                    self.refresh(namespace, name, heal=True)
                     continue
                 if warnings is None:
                     warnings = self.kube.job_warnings(namespace)
-                events = warnings.get(seen.job.name)
+                events = warnings.get(job.name)
                 if events:
-                    self.refresh(namespace, name, seen, job_events=tuple(events))
+                    self.refresh(namespace, name, job_events=tuple(events))
             except Exception:  # one job's trouble never stops the others' checks
                 log.exception("periodic check of %s/%s failed", namespace, name)
 

@@ -4,6 +4,7 @@ so, with the API server's or the kubelet's own message, and a finished job is ne
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any, cast
 
 import kopf
@@ -197,6 +198,7 @@ class FakeKube:
         self.calls: list[tuple[str, str]] = []
         self.status: dict[str, Any] | None = None
         self.warnings: dict[str, list[tuple[str, str, str]]] = {}
+        self.caches: dict[str, Seen] = {}  # what the watch caches hold, by FineTuneJob name
 
     def create_if_missing(self, obj: Any) -> bool:
         kind = type(obj).__name__.removeprefix("V1")
@@ -242,13 +244,14 @@ def reconciler(kube: FakeKube) -> tuple[Reconciler, list[tuple[str, str, str]]]:
         Settings(),
         kube,
         lambda _b, t, r, m: events.append((t, r, m)),  # type: ignore[arg-type]
+        lambda _namespace, name: kube.caches.get(name, Seen()),
     ), events
 
 
 def test_a_refused_job_leaves_no_child_behind() -> None:
     kube = FakeKube(refuse={"Job": 422})
     rec, events = reconciler(kube)
-    failure = rec.reconcile(body(), Seen())
+    failure = rec.reconcile(body())
     assert failure is not None and failure.permanent
     assert failure.describe() == "Job j-train refused: Job refused: field x is bad"
     assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
@@ -263,7 +266,7 @@ def test_a_refused_job_leaves_no_child_behind() -> None:
 def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> None:
     kube = FakeKube(refuse={"ConfigMap": 403})
     rec, _ = reconciler(kube)
-    failure = rec.reconcile(body(), Seen())
+    failure = rec.reconcile(body())
     assert failure is not None and not failure.permanent
     assert not kube.objects
     assert ("create", "Job") not in kube.calls and ("create", "RoleBinding") not in kube.calls
@@ -273,15 +276,15 @@ def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> N
 def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
     kube = FakeKube()
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body(), Seen()) is None
+    assert rec.reconcile(body()) is None
     assert len(kube.objects) == 5
     del kube.objects[("Job", "j-train")]
-    assert rec.reconcile(body(), Seen()) is None
+    assert rec.reconcile(body()) is None
     assert ("Job", "j-train") in kube.objects
     del kube.objects[("Job", "j-train")]
     done = {"phase": "Succeeded", "jobName": "j-train", "message": "adapter written"}
     kube.calls.clear()
-    assert rec.reconcile(body(done), Seen()) is None
+    assert rec.reconcile(body(done)) is None
     assert kube.calls == []  # nothing created, nothing even tried
     assert ("Job", "j-train") not in kube.objects
     assert kube.status is not None and kube.status["phase"] == "Succeeded"
@@ -292,7 +295,7 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     (that would loop as fast as events arrive). kopf's retry and a spec change still do."""
     kube = FakeKube(refuse={"Job": 403})
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body(), Seen()) is not None
+    assert rec.reconcile(body()) is not None
     assert kube.status is not None
     # Each undone child is recognised once, by its DELETED event; other deletions are not.
     assert rec.undone("ServiceAccount", "ns", "j-trainer")
@@ -302,9 +305,9 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     kube.get_finetunejob = lambda namespace, name: refused  # type: ignore[attr-defined]
     kube.calls.clear()
     kube.status = None
-    rec.refresh("ns", "j", Seen(), heal="deleted")
+    rec.refresh("ns", "j", heal="deleted")
     assert kube.calls == [] and kube.status is None  # nothing tried, the status left as it is
-    rec.refresh("ns", "j", Seen(), heal=True)  # the periodic check does retry a passing refusal
+    rec.refresh("ns", "j", heal=True)  # the periodic check does retry a passing refusal
     assert ("create", "Job") in kube.calls
 
 
@@ -334,11 +337,63 @@ def test_a_refresh_reads_the_watch_caches_not_the_api_server() -> None:
     )
     assert seen.nodes == (a100,)  # the bound pod's node only
     kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
-    rec.refresh("ns", "j", seen)
+    kube.caches["j"] = seen
+    rec.refresh("ns", "j")
     assert kube.calls == []
     assert kube.status is not None and kube.status["phase"] == "Running"
     assert kube.status["placement"]["node"] == "gpu-a100"
     assert kube.status["placement"]["gpuProduct"] == "NVIDIA-A100-SXM4-80GB"
+
+
+def test_a_pass_looks_at_the_caches_only_once_it_holds_the_jobs_lock() -> None:
+    """Two refreshes of one job: the second is asked for while the pod still runs and waits for
+    the first, and the pod succeeds meanwhile. Each must derive from what the caches hold once
+    it runs: a snapshot taken while waiting would turn the finished job back into a running one
+    (and the next pass would then train it again)."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    job = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}})
+    running = {
+        "metadata": {"name": "j-train-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "gpu-a100"},
+        "status": {"phase": "Running", "containerStatuses": [
+            {"state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}
+        ]},
+    }  # fmt: skip
+    succeeded = {
+        **running,
+        "status": {"phase": "Succeeded", "containerStatuses": [{"state": {"terminated": {
+            "exitCode": 0, "startedAt": "2026-01-01T00:00:05Z",
+            "finishedAt": "2026-01-01T00:09:00Z"}}}]},
+    }  # fmt: skip
+    kube.caches["j"] = Seen.collect(job, [("u1", PodView.from_api(running))], None)
+    written: list[str] = []
+
+    def patch(_namespace: str, _name: str, status: dict[str, Any]) -> None:
+        written.append(status["phase"])
+        kube.status = status
+
+    first_reading, go_on = threading.Event(), threading.Event()
+
+    def get(_namespace: str, _name: str) -> dict[str, Any]:
+        if not first_reading.is_set():
+            first_reading.set()
+            go_on.wait(10)
+        return body(kube.status)
+
+    kube.patch_finetunejob_status = patch  # type: ignore[method-assign]
+    kube.get_finetunejob = get  # type: ignore[attr-defined]
+    first = threading.Thread(target=rec.refresh, args=("ns", "j"))
+    first.start()
+    assert first_reading.wait(10)
+    second = threading.Thread(target=rec.refresh, args=("ns", "j"))
+    second.start()  # asked for while the caches still say Running; waits for the first
+    kube.caches["j"] = Seen.collect(job, [("u1", PodView.from_api(succeeded))], None)
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert written == ["Succeeded"]
+    assert kube.status is not None and kube.status["phase"] == "Succeeded"
 
 
 def test_an_unschedulable_pod_is_explained_from_every_cached_gpu_node() -> None:
@@ -359,7 +414,7 @@ def test_the_role_binding_and_the_job_come_after_what_they_need() -> None:
     the Job goes out as soon as its ServiceAccount exists."""
     kube = FakeKube()
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body(), Seen()) is None
+    assert rec.reconcile(body()) is None
     creates = [kind for call, kind in kube.calls if call == "create"]
     assert sorted(creates) == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
     assert creates.index("Job") > creates.index("ServiceAccount")
@@ -369,7 +424,7 @@ def test_the_role_binding_and_the_job_come_after_what_they_need() -> None:
 def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
     kube = FakeKube(refuse={"ServiceAccount": 403})
     rec, _ = reconciler(kube)
-    failure = rec.reconcile(body(), Seen())
+    failure = rec.reconcile(body())
     assert failure is not None and failure.kind == "ServiceAccount"
     assert ("create", "Job") not in kube.calls
     assert not kube.objects  # the Role, RoleBinding and ConfigMap made meanwhile: deleted again
@@ -385,14 +440,16 @@ def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news(
     quiet = JobView.from_api({"metadata": {"name": "other-train"}})
     kube.warnings = {"j-train": [("2026-01-01T00:00:01Z", "FailedCreate", "pods is forbidden")]}
     kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
-    rec.tick("ns", [("j", Seen(job=view)), ("other", Seen(job=quiet))])
+    kube.caches.update(j=Seen(job=view), other=Seen(job=quiet))
+    rec.tick("ns", ["j", "other"])
     assert kube.calls == [("list", "Event")]
     assert kube.status is not None
     scheduled = next(c for c in kube.status["conditions"] if c["type"] == "Scheduled")
     assert (scheduled["reason"], kube.status["phase"]) == ("FailedCreate", "Pending")
     assert scheduled["message"].endswith("pods is forbidden")
     kube.calls.clear()
-    rec.tick("ns", [("j", Seen())])  # the Job is gone: made again, no Events needed
+    kube.caches.clear()
+    rec.tick("ns", ["j"])  # the Job is gone: made again, no Events needed
     assert ("create", "Job") in kube.calls and ("list", "Event") not in kube.calls
 
 
