@@ -287,10 +287,24 @@ def _phase(b: _Builder, obs: Observation, status: FineTuneJobStatus) -> tuple[Ph
         b.clear(ConditionType.RUNNING, "JobPending", "the training Job is being created")
         return Phase.PENDING, "Created", "training Job is being created"
 
-    finished = _finished(b, obs, status, job, pod)
-    if finished is not None:
-        return finished
+    ended = _finished(b, obs, status, job, pod)
+    if ended is not None:
+        return ended
+    if _ended_before(b) and b.previous.phase is not None:
+        # Succeeded and Failed are final: an observation that says otherwise (a pod's earlier
+        # state, seen late) changes nothing; it would have the job trained again.
+        return b.previous.phase, "Final", b.previous.message or ""
     return _runnable(b, obs, status, pod)
+
+
+def _ended_before(b: _Builder) -> bool:
+    """Whether the job had ended for good: Succeeded, or Failed by its run (a refusal that a
+    fixed spec cleared, just now in _children, is no end)."""
+    if not finished(b.previous):
+        return False
+    kind = ConditionType.COMPLETE if b.previous.phase == Phase.SUCCEEDED else ConditionType.FAILED
+    condition = b.conditions.get(kind.value)
+    return condition is not None and condition.status == "True"
 
 
 def _runnable(

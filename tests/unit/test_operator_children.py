@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from typing import Any, cast
 
 import kopf
@@ -52,6 +53,29 @@ def obs(**extra: Any) -> Observation:
 
 def conditions(status: FineTuneJobStatus) -> dict[str, tuple[str, str, str]]:
     return {c.type: (c.status, c.reason, c.message) for c in status.conditions}
+
+
+def test_a_finished_job_stays_finished_whatever_an_observation_says() -> None:
+    """Succeeded and Failed (by the run) are final: a pod's earlier state seen late must not
+    turn the job back into Pending or Running (a later pass would then train it again)."""
+    ran = pod("Running", started_at="2026-01-01T00:00:05Z")
+    done = pod("Succeeded", started_at="2026-01-01T00:00:05Z", finished_at="2026-01-01T00:09:00Z")
+    succeeded, _ = derive(FineTuneJobStatus(), obs(pods=(done,), adapter_uri="pvc://out/a"))
+    assert succeeded.phase == "Succeeded" and finished(succeeded)
+    for late in (ran, pod("Pending")):
+        again, events = derive(succeeded, obs(pods=(late,), now="t2"))
+        assert again.phase == "Succeeded" and finished(again)
+        assert conditions(again)["Complete"][0] == "True"
+        assert conditions(again).get("Running", ("False",))[0] != "True"
+        assert events == []
+    crashed = pod("Failed", exit_code=3, termination_message="boom")
+    failed, _ = derive(
+        FineTuneJobStatus(),
+        obs(job=replace(JOB, failed_reason="BackoffLimitExceeded"), pods=(crashed,)),
+    )
+    assert failed.phase == "Failed" and finished(failed)
+    again, events = derive(failed, obs(pods=(ran,), now="t2"))
+    assert again.phase == "Failed" and events == []
 
 
 def test_refused_child_fails_the_job_naming_the_child_and_the_api_servers_message() -> None:
