@@ -7,6 +7,7 @@ Reconciler the handlers use.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Mapping
 from typing import Any, cast
@@ -64,8 +65,8 @@ def configure(settings: Settings) -> None:
 # --- watch caches: kopf indices, kept from the watch streams kopf has open anyway -------------
 # kopf runs no other handler until every index has been filled from its first listing, so a
 # status is never derived from a cache still loading (at start-up every job is looked at).
-# Indices are read only in the event loop (they change there): a pass on a worker thread asks the
-# loop for its Seen (_look) once it holds its job's lock.
+# Indices are read only in the event loop (they change there); the reconciler gets a Seen, and
+# asks the loop for a new one (_look) in the rare case that it is older than the last one used.
 
 
 @kopf.index("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -98,6 +99,9 @@ def _keep_indices(kwargs: Mapping[str, Any]) -> None:
         }
 
 
+_snapshots = itertools.count(1)
+
+
 def _seen(namespace: str, name: str) -> Seen:
     indices = _state["indices"]
     jobs = indices["training_jobs"].get((namespace, job_name(name)), ())
@@ -105,12 +109,13 @@ def _seen(namespace: str, name: str) -> Seen:
         next(iter(jobs), None),
         indices["training_pods"].get((namespace, name), ()),
         indices["gpu_nodes"],
+        next(_snapshots),
     )
 
 
 def _look(namespace: str, name: str) -> Seen:
-    """The watch caches' view of one job now, for a pass on a worker thread: collected in the
-    event loop, which the thread waits for (the loop itself never waits for a pass)."""
+    """A snapshot for a pass on a worker thread: taken in the event loop, which the thread waits
+    for (the loop itself never waits for a pass)."""
     loop: asyncio.AbstractEventLoop = _state["loop"]
 
     async def collect() -> Seen:
@@ -156,7 +161,8 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(*FTJ, field="spec")
 async def reconcile(body: kopf.Body, **kwargs: Any) -> None:
     _keep_indices(kwargs)
-    failure = await asyncio.to_thread(_reconciler().reconcile, body)
+    seen = _seen(body.metadata.namespace or "", body.metadata.name or "")
+    failure = await asyncio.to_thread(_reconciler().reconcile, body, seen)
     if failure is not None:  # already in the status and an Event; kopf retries only if it can help
         if failure.permanent:
             raise kopf.PermanentError(failure.describe())
@@ -188,9 +194,9 @@ async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: An
 async def _tick_forever() -> None:
     while True:
         await asyncio.sleep(TICK_SECONDS)
-        by_namespace: dict[str, list[str]] = {}
+        by_namespace: dict[str, list[tuple[str, Seen]]] = {}
         for namespace, name in list(_awaiting_pod):
-            by_namespace.setdefault(namespace, []).append(name)
+            by_namespace.setdefault(namespace, []).append((name, _seen(namespace, name)))
         for namespace, waiting in by_namespace.items():
             try:
                 await asyncio.to_thread(_reconciler().tick, namespace, waiting)
@@ -221,7 +227,7 @@ async def _refresh_later(namespace: str, name: str) -> None:
     await asyncio.sleep(REFRESH_DELAY_SECONDS)
 
     _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
-    await asyncio.to_thread(_reconciler().refresh, namespace, name)
+    await asyncio.to_thread(_reconciler().refresh, namespace, name, _seen(namespace, name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
@@ -244,7 +250,8 @@ async def child_changed(
     if event.get("type") == "DELETED" and resource.plural != "pods":
         if _reconciler().undone(body.get("kind", ""), namespace, body.metadata.name or ""):
             return
-        await asyncio.to_thread(_reconciler().refresh, namespace, owner, heal="deleted")
+        seen = _seen(namespace, owner)
+        await asyncio.to_thread(_reconciler().refresh, namespace, owner, seen, heal="deleted")
     elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
@@ -262,4 +269,5 @@ async def workload_changed(body: kopf.Body, **kwargs: Any) -> None:
         jobs = _state["indices"]["training_jobs"].get((namespace, owner["name"]), ())
         view = next(iter(jobs), None)
         if view is not None and view.owner:  # one of ours
-            await asyncio.to_thread(_reconciler().refresh, namespace, view.owner)
+            seen = _seen(namespace, view.owner)
+            await asyncio.to_thread(_reconciler().refresh, namespace, view.owner, seen)

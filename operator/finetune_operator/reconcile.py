@@ -84,15 +84,16 @@ def identity(body: Mapping[str, Any]) -> JobIdentity:
 @dataclass(frozen=True)
 class Seen:
     """What the operator's watch caches (kopf indices of Jobs, pods and GPU nodes) hold for one
-    FineTuneJob, read in the event loop when a pass asks (Reconciler.look): a status refresh
-    reads nothing from the API server but the object. `pods` are every pod labelled with the job's name, each with
+    FineTuneJob, read in the event loop and handed to the reconciler: a status refresh reads
+    nothing from the API server but the object. `pods` are every pod labelled with the job's name, each with
     its owner's uid (a FineTuneJob deleted and made again under the same name has a new uid);
     `nodes` are the GPU nodes the newest pod needs: the one it is bound to, or, while it cannot
-    be scheduled, all of them."""
+    be scheduled, all of them. `taken` orders snapshots: one taken later is never older."""
 
     job: JobView | None = None
     pods: tuple[tuple[str, PodView], ...] = ()
     nodes: tuple[GpuNode, ...] = ()
+    taken: int = 0
 
     @classmethod
     def collect(
@@ -100,6 +101,7 @@ class Seen:
         job: JobView | None,
         pods: Iterable[tuple[str, PodView]],
         nodes: Mapping[str, Iterable[GpuNode]] | None,
+        taken: int = 0,
     ) -> Seen:
         owned = tuple(pods)
         newest = newest_pod(p for _, p in owned)
@@ -109,7 +111,7 @@ class Seen:
                 needed = tuple(nodes.get(newest.node, ()))
             elif newest.unschedulable is not None:
                 needed = tuple(n for found in nodes.values() for n in found)
-        return cls(job=job, pods=owned, nodes=needed)
+        return cls(job=job, pods=owned, nodes=needed, taken=taken)
 
 
 def parse_spec(body: Mapping[str, Any]) -> tuple[FineTuneJobSpec | None, str | None]:
@@ -133,7 +135,7 @@ def _refused(body: Mapping[str, Any]) -> bool:
     )
 
 
-# What the watch caches hold for a FineTuneJob (namespace, name), as they are at the call.
+# A snapshot of what the watch caches hold for a FineTuneJob (namespace, name), taken at the call.
 Look = Callable[[str, str], Seen]
 
 
@@ -143,11 +145,12 @@ class Reconciler:
         self.kube = kube
         self.events = events
         self.look = look
-        # One pass at a time per FineTuneJob (namespace, name). A pass reads the object and
-        # looks at the watch caches inside it, never before: it never acts on a status, or on
-        # observations, older than those the pass before it wrote from. (A snapshot taken while
-        # waiting for the lock could be older than the one the pass holding it uses: a pod's
-        # Running seen after its Succeeded would turn a finished job back into a running one.)
+        # One pass at a time per FineTuneJob (namespace, name). A pass reads the object inside
+        # it, so it never acts on a status older than the last pass wrote; and it never derives
+        # from a snapshot of the caches older than the last pass used (`_current`): a pass that
+        # waited behind a newer one would turn a pod's Running, seen after its Succeeded, into a
+        # finished job running again.
+        self._used: dict[tuple[str, str], int] = {}
         self._locks: defaultdict[tuple[str, str], threading.RLock] = defaultdict(threading.RLock)
         self._locks_guard = threading.Lock()
         # Children this operator deleted to undo a refused pass: their DELETED events are no
@@ -162,6 +165,16 @@ class Reconciler:
         """The FineTuneJob is gone: drop what was kept for it."""
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
+            self._used.pop((namespace, name), None)
+
+    def _current(self, namespace: str, name: str, seen: Seen | None) -> Seen:
+        """The pass's snapshot, or a new one if the last pass used a newer one (or none came).
+        Called with the job's lock held."""
+        last = self._used.get((namespace, name))
+        if seen is None or (last is not None and seen.taken < last):
+            seen = self.look(namespace, name)
+        self._used[namespace, name] = seen.taken
+        return seen
 
     def undone(self, kind: str, namespace: str, name: str) -> bool:
         """Whether this child's deletion was the undoing of a refused pass (asked once)."""
@@ -171,7 +184,7 @@ class Reconciler:
             self._undone.discard(key)
             return found
 
-    def reconcile(self, body: Mapping[str, Any]) -> ChildFailure | None:
+    def reconcile(self, body: Mapping[str, Any], seen: Seen | None = None) -> ChildFailure | None:
         """FineTuneJob created, changed or seen at start-up, or a child of it deleted: ensure the
         children (unless the job has finished: Succeeded and Failed are final), refresh status.
         Returns the refusal of a child, already reported in the status and an Event."""
@@ -194,19 +207,20 @@ class Reconciler:
             if not created_job:
                 # (A Job made just now is followed by its own event, whose refresh writes the
                 # status: one status write and one FineTuneJob event fewer per new job.)
-                seen = self.look(job.namespace, job.name)
-                self._refresh(body, spec, requirement, seen, failure)
+                current = self._current(job.namespace, job.name, seen)
+                self._refresh(body, spec, requirement, current, failure)
             return failure
 
     def refresh(
         self,
         namespace: str,
         name: str,
+        seen: Seen | None = None,
         *,
         heal: bool | Literal["deleted"] = False,
         job_events: JobEvents | None = None,
     ) -> None:
-        """A child changed: recompute the owner's status from the watch caches; `heal` (the periodic
+        """A child changed: recompute the owner's status from `seen`; `heal` (the periodic
         check, or "deleted": a child was deleted) also re-creates missing children, as reconcile
         does; `job_events` (the periodic check) are the Job's Warning Events."""
         with self._lock(namespace, name):
@@ -218,33 +232,32 @@ class Reconciler:
                 # check or a spec change, not at the speed of its children's events.
                 return
             if heal:
-                failure = self.reconcile(body)
+                failure = self.reconcile(body, seen)
                 if failure is not None:
                     log.warning("%s/%s: %s", namespace, name, failure.describe())
                 return
             spec, _invalid = parse_spec(body)
             if spec is not None:
                 requirement = gpu_requirement(spec, self.settings)
-                seen = self.look(namespace, name)
-                self._refresh(body, spec, requirement, seen, job_events=job_events)
+                current = self._current(namespace, name, seen)
+                self._refresh(body, spec, requirement, current, job_events=job_events)
 
-    def tick(self, namespace: str, waiting: Sequence[str]) -> None:
+    def tick(self, namespace: str, waiting: Sequence[tuple[str, Seen]]) -> None:
         """Periodic check of a namespace's jobs that wait for their pod: heal a missing Job, and
         refresh the status of a job whose Job the Job controller says it cannot make a pod for
         (FailedCreate: only an Event, no watched object changes). The Events are listed once for
         the namespace, and only jobs with something to say are refreshed."""
         warnings: dict[str, list[tuple[str, str, str]]] | None = None
-        for name in waiting:
+        for name, seen in waiting:
             try:
-                job = self.look(namespace, name).job
-                if job is None:
-                    self.refresh(namespace, name, heal=True)
+                if seen.job is None:
+                    self.refresh(namespace, name, seen, heal=True)
                     continue
                 if warnings is None:
                     warnings = self.kube.job_warnings(namespace)
-                events = warnings.get(job.name)
+                events = warnings.get(seen.job.name)
                 if events:
-                    self.refresh(namespace, name, job_events=tuple(events))
+                    self.refresh(namespace, name, seen, job_events=tuple(events))
             except Exception:  # one job's trouble never stops the others' checks
                 log.exception("periodic check of %s/%s failed", namespace, name)
 

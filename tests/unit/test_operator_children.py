@@ -3,6 +3,7 @@ so, with the API server's or the kubelet's own message, and a finished job is ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from dataclasses import replace
@@ -361,63 +362,53 @@ def test_a_refresh_reads_the_watch_caches_not_the_api_server() -> None:
     )
     assert seen.nodes == (a100,)  # the bound pod's node only
     kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
-    kube.caches["j"] = seen
-    rec.refresh("ns", "j")
+    rec.refresh("ns", "j", seen)
     assert kube.calls == []
     assert kube.status is not None and kube.status["phase"] == "Running"
     assert kube.status["placement"]["node"] == "gpu-a100"
     assert kube.status["placement"]["gpuProduct"] == "NVIDIA-A100-SXM4-80GB"
 
 
-def test_a_pass_looks_at_the_caches_only_once_it_holds_the_jobs_lock() -> None:
-    """Two refreshes of one job: the second is asked for while the pod still runs and waits for
-    the first, and the pod succeeds meanwhile. Each must derive from what the caches hold once
-    it runs: a snapshot taken while waiting would turn the finished job back into a running one
-    (and the next pass would then train it again)."""
+def test_a_pass_never_derives_from_a_snapshot_older_than_the_last_pass_used() -> None:
+    """Two refreshes of one job: the first is handed a snapshot while the pod is still pending,
+    but waits, and the second, with the snapshot of the running pod, runs first. The waiting one
+    must look again: deriving from its own snapshot would move the status back (and, were the
+    job finished, have a later pass train it again)."""
     kube = FakeKube()
     rec, _ = reconciler(kube)
     job = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}})
-    running = {
+    pending = {
         "metadata": {"name": "j-train-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {"nodeName": "gpu-a100"},
+        "status": {"phase": "Pending"},
+    }
+    running = {
+        **pending,
         "status": {"phase": "Running", "containerStatuses": [
             {"state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}
         ]},
     }  # fmt: skip
-    succeeded = {
-        **running,
-        "status": {"phase": "Succeeded", "containerStatuses": [{"state": {"terminated": {
-            "exitCode": 0, "startedAt": "2026-01-01T00:00:05Z",
-            "finishedAt": "2026-01-01T00:09:00Z"}}}]},
-    }  # fmt: skip
-    kube.caches["j"] = Seen.collect(job, [("u1", PodView.from_api(running))], None)
+    older = Seen.collect(job, [("u1", PodView.from_api(pending))], None, taken=1)
+    newer = Seen.collect(job, [("u1", PodView.from_api(running))], None, taken=2)
+    kube.caches["j"] = replace(newer, taken=3)  # what a new look finds
     written: list[str] = []
 
     def patch(_namespace: str, _name: str, status: dict[str, Any]) -> None:
         written.append(status["phase"])
         kube.status = status
 
-    first_reading, go_on = threading.Event(), threading.Event()
-
-    def get(_namespace: str, _name: str) -> dict[str, Any]:
-        if not first_reading.is_set():
-            first_reading.set()
-            go_on.wait(10)
-        return body(kube.status)
-
     kube.patch_finetunejob_status = patch  # type: ignore[method-assign]
-    kube.get_finetunejob = get  # type: ignore[attr-defined]
-    first = threading.Thread(target=rec.refresh, args=("ns", "j"))
-    first.start()
-    assert first_reading.wait(10)
-    second = threading.Thread(target=rec.refresh, args=("ns", "j"))
-    second.start()  # asked for while the caches still say Running; waits for the first
-    kube.caches["j"] = Seen.collect(job, [("u1", PodView.from_api(succeeded))], None)
-    go_on.set()
-    first.join(10)
-    second.join(10)
-    assert written == ["Succeeded"]
-    assert kube.status is not None and kube.status["phase"] == "Succeeded"
+    kube.get_finetunejob = lambda namespace, name: body(kube.status)  # type: ignore[attr-defined]
+    rec.refresh("ns", "j", newer)
+    rec.refresh("ns", "j", older)
+    assert written == ["Running"]
+    # In order, each pass uses its own snapshot: no look.
+    kube.caches.clear()
+    rec.forget("ns", "j")
+    kube.status, written[:] = None, []
+    rec.refresh("ns", "j", older)
+    rec.refresh("ns", "j", newer)
+    assert written == ["Pending", "Running"]
 
 
 def test_an_unschedulable_pod_is_explained_from_every_cached_gpu_node() -> None:
@@ -464,16 +455,14 @@ def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news(
     quiet = JobView.from_api({"metadata": {"name": "other-train"}})
     kube.warnings = {"j-train": [("2026-01-01T00:00:01Z", "FailedCreate", "pods is forbidden")]}
     kube.get_finetunejob = lambda namespace, name: body()  # type: ignore[attr-defined]
-    kube.caches.update(j=Seen(job=view), other=Seen(job=quiet))
-    rec.tick("ns", ["j", "other"])
+    rec.tick("ns", [("j", Seen(job=view)), ("other", Seen(job=quiet))])
     assert kube.calls == [("list", "Event")]
     assert kube.status is not None
     scheduled = next(c for c in kube.status["conditions"] if c["type"] == "Scheduled")
     assert (scheduled["reason"], kube.status["phase"]) == ("FailedCreate", "Pending")
     assert scheduled["message"].endswith("pods is forbidden")
     kube.calls.clear()
-    kube.caches.clear()
-    rec.tick("ns", ["j"])  # the Job is gone: made again, no Events needed
+    rec.tick("ns", [("j", Seen())])  # the Job is gone: made again, no Events needed
     assert ("create", "Job") in kube.calls and ("list", "Event") not in kube.calls
 
 
@@ -534,3 +523,39 @@ def test_kopfs_marker_goes_only_with_a_progress_record_that_stays() -> None:
     annotations = retrying["metadata"]["annotations"]
     assert annotations["finetune.dev/kopf-managed"] == "yes"
     assert json.loads(annotations["finetune.dev/reconcile"])["retries"] == 1
+
+
+def test_a_new_snapshot_for_a_worker_thread_is_taken_in_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reconciler's look, from a pass's worker thread: the indices are read in the loop
+    (where kopf changes them), and the snapshot is newer than any taken before it."""
+    from finetune_operator import handlers
+
+    monkeypatch.setattr(handlers, "_state", {})
+    view = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}})
+    indices = {
+        "training_jobs": {("ns", "j-train"): [view]},
+        "training_pods": {("ns", "j"): [("u1", pod("Running"))]},
+        "gpu_nodes": None,
+    }
+
+    async def main() -> tuple[Seen, Seen, bool]:
+        handlers._keep_indices(indices)
+        first = handlers._seen("ns", "j")
+        loop_thread = threading.get_ident()
+        threads: list[int] = []
+        real = handlers._seen
+
+        def seen_where(namespace: str, name: str) -> Seen:
+            threads.append(threading.get_ident())
+            return real(namespace, name)
+
+        monkeypatch.setattr(handlers, "_seen", seen_where)
+        again = await asyncio.to_thread(handlers._look, "ns", "j")
+        return first, again, threads == [loop_thread]
+
+    first, again, in_loop = asyncio.run(main())
+    assert in_loop
+    assert again.taken > first.taken
+    assert (again.job, again.pods) == (first.job, first.pods) == (view, (("u1", pod("Running")),))
