@@ -336,19 +336,29 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     assert ("create", "Job") in kube.calls
 
 
-def test_a_refresh_reads_the_watch_caches_not_the_api_server() -> None:
-    """Seen carries the Job, the pods (any uid: only the FineTuneJob's own count) and the node
-    the newest pod is bound to; the refresh asks the API server for nothing but the object."""
-    kube = FakeKube()
-    rec, _ = reconciler(kube)
-    job = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}})
-    pod = {
+ACTIVE_JOB = JobView.from_api(
+    {"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}}
+)
+
+
+def running_pod() -> dict[str, Any]:
+    """A Job's pod as the API server returns it: bound to gpu-a100, its container running."""
+    return {
         "metadata": {"name": "j-train-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {"nodeName": "gpu-a100"},
         "status": {"phase": "Running", "containerStatuses": [
             {"state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}
         ]},
     }  # fmt: skip
+
+
+def test_a_refresh_reads_the_watch_caches_not_the_api_server() -> None:
+    """Seen carries the Job, the pods (any uid: only the FineTuneJob's own count) and the node
+    the newest pod is bound to; the refresh asks the API server for nothing but the object."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    job = ACTIVE_JOB
+    pod = running_pod()
     stale = {
         **pod,
         "metadata": {"name": "j-train-old", "creationTimestamp": "2026-01-02T00:00:00Z"},
@@ -376,18 +386,9 @@ def test_a_pass_never_derives_from_a_snapshot_older_than_the_last_pass_used() ->
     job finished, have a later pass train it again)."""
     kube = FakeKube()
     rec, _ = reconciler(kube)
-    job = JobView.from_api({"metadata": {"name": "j-train", "uid": "jid"}, "status": {"active": 1}})
-    pending = {
-        "metadata": {"name": "j-train-abc", "creationTimestamp": "2026-01-01T00:00:00Z"},
-        "spec": {"nodeName": "gpu-a100"},
-        "status": {"phase": "Pending"},
-    }
-    running = {
-        **pending,
-        "status": {"phase": "Running", "containerStatuses": [
-            {"state": {"running": {"startedAt": "2026-01-01T00:00:05Z"}}}
-        ]},
-    }  # fmt: skip
+    job = ACTIVE_JOB
+    running = running_pod()
+    pending = {**running, "status": {"phase": "Pending"}}
     older = Seen.collect(job, [("u1", PodView.from_api(pending))], None, taken=1)
     newer = Seen.collect(job, [("u1", PodView.from_api(running))], None, taken=2)
     kube.caches["j"] = replace(newer, taken=3)  # what a new look finds
