@@ -86,10 +86,10 @@ class Seen:
     """What the operator's watch caches (kopf indices of Jobs, pods and GPU nodes) hold for one
     FineTuneJob, read in the event loop and handed to the reconciler: a status refresh reads
     nothing from the API server but the object. `pods` are every pod labelled with the job's
-    name, each with its owner's uid (a FineTuneJob deleted and made again under the same name has
-    a new uid);
-    `nodes` are the GPU nodes the newest pod needs: the one it is bound to, or, while it cannot
-    be scheduled, all of them. `taken` orders snapshots: one taken later is never older."""
+    name, each with its owner's uid (a FineTuneJob deleted and made again under the same name
+    has a new uid); `nodes` are the GPU nodes the newest pod needs: the one it is bound to, or,
+    while it cannot be scheduled, all of them. `taken` orders snapshots: one taken later is
+    never older."""
 
     job: JobView | None = None
     pods: tuple[tuple[str, PodView], ...] = ()
