@@ -232,18 +232,21 @@ def derive(
     else:
         b.clear(ConditionType.SPEC_CHANGED, "SpecMatchesJob")
     status.conditions = [b.conditions[k] for k in sorted(b.conditions, key=_condition_order)]
-    transitions = []
-    if phase != previous.phase:
-        kind: Literal["Normal", "Warning"] = "Warning" if phase is Phase.FAILED else "Normal"
-        transitions.append(Transition(kind, reason, message))
+    warnings = []
     for type_ in (ConditionType.SCHEDULED, ConditionType.CHILDREN, ConditionType.RUNNING):
         old = previous.condition(type_.value)
         new = b.conditions.get(type_.value)
         if new is None or new.status != "False" or (old is not None and old.reason == new.reason):
             continue
         if type_ is not ConditionType.RUNNING or new.reason in STUCK_REASONS:
-            transitions.append(Transition("Warning", new.reason, new.message))
-    return status, transitions
+            warnings.append(Transition("Warning", new.reason, new.message))
+    transitions = []
+    # A new phase is announced unless a condition's Warning says the same (the phase Pending for
+    # NoCompatibleGPU, say): one Event for one news, at the severity of the condition's.
+    if phase != previous.phase and all(w.reason != reason for w in warnings):
+        kind: Literal["Normal", "Warning"] = "Warning" if phase is Phase.FAILED else "Normal"
+        transitions.append(Transition(kind, reason, message))
+    return status, transitions + warnings
 
 
 _ORDER = [t.value for t in ConditionType]

@@ -71,6 +71,20 @@ def test_pending_without_job_then_unschedulable() -> None:
     assert again == []
 
 
+def test_a_new_phase_and_a_condition_with_the_same_news_make_one_warning() -> None:
+    """A job first seen unschedulable becomes Pending for NoCompatibleGPU: the phase's Normal
+    Event and the Scheduled condition's Warning would say the same; only the Warning is posted."""
+    diag = Diagnosis("NoCompatibleGPU", "needs compute capability ≥ 9.0; nodes: none")
+    status, events = derive(
+        FineTuneJobStatus(), obs(pods=(pod(unschedulable="0/1 nodes"),), diagnosis=diag)
+    )
+    assert status.phase == "Pending"
+    assert [(e.type, e.reason) for e in events] == [("Warning", "NoCompatibleGPU")]
+    # a phase whose reason no condition announces still gets its own Event
+    _, plain = derive(FineTuneJobStatus(), obs(job=None))
+    assert [(e.type, e.reason) for e in plain] == [("Normal", "Created")]
+
+
 def test_running_records_node_and_start() -> None:
     status, events = derive(
         FineTuneJobStatus(phase="Pending"),
