@@ -35,6 +35,7 @@ TICK_SECONDS = 30  # how often a job that waits for its pod is looked at (Failed
 # Changes of a job's Job and pods come in flurries (created, scheduled, started: a few events
 # within a fraction of a second): one status refresh a moment after the first serves them all.
 REFRESH_DELAY_SECONDS = 0.25
+LOOK_TIMEOUT_SECONDS = 120  # a worker thread never waits for ever on a loop that has stopped
 
 
 _state: dict[str, Any] = {}
@@ -115,13 +116,15 @@ def _seen(namespace: str, name: str) -> Seen:
 
 def _look(namespace: str, name: str) -> Seen:
     """A snapshot for a pass on a worker thread: taken in the event loop, which the thread waits
-    for (the loop itself never waits for a pass)."""
+    for (the loop itself never waits for a pass). It shows every change of the job's children
+    so far: a change from now on needs a refresh of its own (_refresh_soon)."""
     loop: asyncio.AbstractEventLoop = _state["loop"]
 
     async def collect() -> Seen:
+        _refresh_soon.discard((namespace, name))
         return _seen(namespace, name)
 
-    return asyncio.run_coroutine_threadsafe(collect(), loop).result()
+    return asyncio.run_coroutine_threadsafe(collect(), loop).result(timeout=LOOK_TIMEOUT_SECONDS)
 
 
 def validate(body: kopf.Body, **kwargs: Any) -> None:
@@ -222,12 +225,15 @@ _refresh_soon: set[tuple[str, str]] = set()
 
 
 async def _refresh_later(namespace: str, name: str) -> None:
-    """One refresh for the changes of a job's children until it starts reading: a change while
-    the refresh waits for a worker thread (a busy operator) is served by it too."""
+    """One refresh for the changes of a job's children until it looks at the caches, on its
+    worker thread (_look): in a busy operator the refresh waits for a thread, and every change
+    meanwhile (the Job's pod created, then found unschedulable) is served by it too, with one
+    status write instead of one for each."""
     await asyncio.sleep(REFRESH_DELAY_SECONDS)
-
-    _refresh_soon.discard((namespace, name))  # changes from now on need a refresh of their own
-    await asyncio.to_thread(_reconciler().refresh, namespace, name, _seen(namespace, name))
+    try:
+        await asyncio.to_thread(_reconciler().refresh, namespace, name)
+    finally:  # a refresh that never looked (the job gone, a failed read) leaves no stale mark
+        _refresh_soon.discard((namespace, name))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)

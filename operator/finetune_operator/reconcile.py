@@ -152,6 +152,10 @@ class Reconciler:
         # waited behind a newer one would turn a pod's Running, seen after its Succeeded, into a
         # finished job running again.
         self._used: dict[tuple[str, str], int] = {}
+        # Jobs a reconcile pass has run for in this process: the periodic check heals only these
+        # (a job kopf has not handled yet, in a burst or after a restart, gets its create or
+        # resume handler; a heal before it would do that work twice).
+        self._handled: set[tuple[str, str]] = set()
         self._locks: defaultdict[tuple[str, str], threading.RLock] = defaultdict(threading.RLock)
         self._locks_guard = threading.Lock()
         # Children this operator deleted to undo a refused pass: their DELETED events are no
@@ -167,6 +171,7 @@ class Reconciler:
         with self._locks_guard:
             self._locks.pop((namespace, name), None)
             self._used.pop((namespace, name), None)
+            self._handled.discard((namespace, name))
 
     def _current(self, namespace: str, name: str, seen: Seen | None) -> Seen:
         """The pass's snapshot, or a new one if the last pass used a newer one (or none came).
@@ -191,6 +196,7 @@ class Reconciler:
         Returns the refusal of a child, already reported in the status and an Event."""
         job = identity(body)
         with self._lock(job.namespace, job.name):
+            self._handled.add((job.namespace, job.name))
             spec, invalid = parse_spec(body)
             if spec is None:
                 log.warning("%s/%s is invalid: %s", job.namespace, job.name, invalid)
@@ -252,7 +258,8 @@ class Reconciler:
         for name, seen in waiting:
             try:
                 if seen.job is None:
-                    self.refresh(namespace, name, seen, heal=True)
+                    if (namespace, name) in self._handled:
+                        self.refresh(namespace, name, seen, heal=True)
                     continue
                 if warnings is None:
                     warnings = self.kube.job_warnings(namespace)

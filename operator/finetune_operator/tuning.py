@@ -5,7 +5,6 @@ No decorators here (handlers.py has them all); `tune` is called from the start-u
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from typing import Any, cast
@@ -52,7 +51,9 @@ class SpecMemory(kopf.DiffBaseStorage):
         self._specs: dict[str, str] = {}
 
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
-        return cast(kopf.BodyEssence, {"spec": copy.deepcopy(body.get("spec") or {})})
+        # The event's own spec, not a copy: kopf only compares it and hands it to `store`, which
+        # serialises it (a deep copy of every FineTuneJob event's spec was a cost of its own).
+        return cast(kopf.BodyEssence, {"spec": body.get("spec") or {}})
 
     def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
         found = self._specs.get(body.metadata.uid or "")
@@ -74,6 +75,12 @@ class RetryAnnotations(kopf.AnnotationsProgressStorage):
     the object with a `<prefix>/kopf-managed` marker whenever it stores progress, even progress
     it purges in the same patch once the handler succeeded: a PATCH and an event for every new
     FineTuneJob. The marker now goes only with a progress record that stays."""
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        """kopf strips its progress annotations from both sides of a diff, from deep copies.
+        The diff's essences (SpecMemory's) are the spec alone: nothing to strip, nothing to
+        copy (two deep copies per FineTuneJob event)."""
+        return essence
 
     def purge(self, *, key: kopf.HandlerId, body: kopf.Body, patch: kopf.Patch) -> None:
         super().purge(key=key, body=body, patch=patch)
