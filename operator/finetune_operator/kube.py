@@ -140,6 +140,15 @@ class Kube:
             found.setdefault(job, []).append(entry)
         return {job: sorted(entries) for job, entries in found.items()}
 
+    def job_exists(self, namespace: str, name: str) -> bool:
+        try:
+            _drain(self.batch.read_namespaced_job(name, namespace, **RAW))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             obj: dict[str, Any] = _json(

@@ -258,7 +258,7 @@ class Reconciler:
         for name, seen in waiting:
             try:
                 if seen.job is None:
-                    if (namespace, name) in self._handled:
+                    if self._lost_job(namespace, name):
                         self.refresh(namespace, name, seen, heal=True)
                     continue
                 if warnings is None:
@@ -268,6 +268,15 @@ class Reconciler:
                     self.refresh(namespace, name, seen, job_events=tuple(events))
             except Exception:  # one job's trouble never stops the others' checks
                 log.exception("periodic check of %s/%s failed", namespace, name)
+
+    def _lost_job(self, namespace: str, name: str) -> bool:
+        """Whether a job whose Job the caches do not hold has really lost it: a reconcile pass
+        has run for it in this process (before that, kopf's create or resume handler makes its
+        children), and the API server has no such Job either (in a burst the caches lag behind
+        the Jobs the operator made: healing those would make every child again, 409s)."""
+        if (namespace, name) not in self._handled:
+            return False
+        return not self.kube.job_exists(namespace, builders.job_name(name))
 
     def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement

@@ -16,6 +16,7 @@ import yaml
 from kubernetes import client
 
 from finetune_api.trainer_config import TrainerOutcome
+from finetune_operator.kube import Kube
 from gpusim import FakeKubelet
 from integration.harness import (
     Cluster,
@@ -184,6 +185,18 @@ def test_deleted_children_are_made_again_within_seconds(namespace: Namespace) ->
         timeout=60,
         what="Running again",
     )
+
+
+def test_the_periodic_check_asks_the_api_server_whether_a_job_lost_its_job(
+    namespace: Namespace,
+) -> None:
+    """Before making a Job again, the periodic check confirms with the API server that it is gone
+    (in a burst the watch caches lag behind the Jobs the operator made)."""
+    kube = Kube(namespace.cluster.api)
+    assert namespace.apply(ftj_manifest("look", scheme_training("bnb-4bit"))).returncode == 0
+    wait_for(namespace.jobs, what="the Job")
+    assert kube.job_exists(namespace.name, "look-train")
+    assert not kube.job_exists(namespace.name, "nothing-train")
 
 
 def test_pod_the_job_controller_cannot_create_is_explained(namespace: Namespace) -> None:

@@ -244,6 +244,10 @@ class FakeKube:
         self.calls.append(("delete", kind))
         self.objects.pop((kind, obj.metadata.name), None)
 
+    def job_exists(self, namespace: str, name: str) -> bool:
+        self.calls.append(("get", "Job"))
+        return ("Job", name) in self.objects
+
     def job_warnings(self, namespace: str) -> dict[str, list[tuple[str, str, str]]]:
         self.calls.append(("list", "Event"))
         return self.warnings
@@ -468,6 +472,9 @@ def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news(
     rec.tick("ns", [("j", Seen())])
     assert kube.calls == []
     rec.reconcile(body())  # kopf's handler ran: the children exist
+    kube.calls.clear()
+    rec.tick("ns", [("j", Seen())])  # the caches lag behind the Job just made: nothing to heal
+    assert kube.calls == [("get", "Job")]
     kube.objects.pop(("Job", "j-train"))
     kube.calls.clear()
     rec.tick("ns", [("j", Seen())])  # the Job is gone: made again, no Events needed
