@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -280,48 +280,46 @@ class Reconciler:
 
     def _children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
-    ) -> list[Any]:
-        children: list[Any] = []
+    ) -> Iterator[Any]:
+        """The children, each built when the pass asks for the next, in the order they are
+        created (each after what it NEEDS): the first create is on its way while the rest are
+        built, and the Job comes last, so a child refused at once (a policy, a quota) usually
+        stops the pass before there is a Job."""
         if self.settings.status_reporting:
-            children += [
-                builders.build_service_account(job),
-                builders.build_role(job),
-                builders.build_role_binding(job),
-            ]
-        children.append(builders.build_config_map(job, spec, requirement))
+            yield builders.build_service_account(job)
+            yield builders.build_role(job)
+            yield builders.build_role_binding(job)
+        yield builders.build_config_map(job, spec, requirement)
         if spec.resources.nodes > 1:
-            children.append(builders.build_workers_service(job))
+            yield builders.build_workers_service(job)
         if self.settings.dra:
-            children.append(builders.build_resource_claim_template(job, spec, requirement))
-        children.append(builders.build_job(job, spec, requirement, self.settings))
-        return children
+            yield builders.build_resource_claim_template(job, spec, requirement)
+        yield builders.build_job(job, spec, requirement, self.settings)
 
     def _ensure_children(
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> tuple[ChildFailure | None, bool]:
-        """Create the missing children, all or none: concurrently, each as soon as what it NEEDS
-        exists (the Job after one round trip, for its ServiceAccount). What a pass created is
-        deleted again if a child is refused. Returns the refusal, if any, and whether the Job
-        was created."""
-        waiting = self._children(job, spec, requirement)
-        present = {child_kind(c) for c in waiting}
+        """Create the missing children, all or none: concurrently, each as soon as it is built
+        and what it NEEDS exists (the Job after one round trip, for its ServiceAccount). What a
+        pass created is deleted again if a child is refused. Returns the refusal, if any, and
+        whether the Job was created."""
+        present: set[str] = set()
+        waiting: list[Any] = []
         done: set[str] = set()
         created: list[Any] = []
         failure: ChildFailure | None = None
         running: dict[Future[bool | ChildFailure], Any] = {}
-        while waiting or running:
-            ready = [
-                c
-                for c in waiting
-                if failure is None
-                and all(n in done or n not in present for n in NEEDS.get(child_kind(c), ()))
-            ]
-            for child in ready:
-                waiting.remove(child)
-                running[_POOL.submit(self._create, child)] = child
-            if not running:
-                break  # a refusal stopped the rest
-            finished_now, _ = wait(running, return_when=FIRST_COMPLETED)
+
+        def start_ready() -> None:
+            for child in list(waiting):
+                needs = NEEDS.get(child_kind(child), ())
+                if failure is None and all(n in done or n not in present for n in needs):
+                    waiting.remove(child)
+                    running[_POOL.submit(self._create, child)] = child
+
+        def collect(timeout: float | None) -> None:
+            nonlocal failure
+            finished_now, _ = wait(running, timeout=timeout, return_when=FIRST_COMPLETED)
             for future in finished_now:
                 child = running.pop(future)
                 outcome = future.result()
@@ -331,6 +329,20 @@ class Reconciler:
                 done.add(child_kind(child))
                 if outcome:
                     created.append(child)
+
+        for child in self._children(job, spec, requirement):
+            present.add(child_kind(child))
+            waiting.append(child)
+            if running:
+                collect(0)  # what finished meanwhile
+            if failure is not None:
+                break  # a refusal stops the rest
+            start_ready()
+        while waiting or running:
+            start_ready()
+            if not running:
+                break  # a refusal stopped the rest
+            collect(None)
         if failure is not None:
             self._undo(reversed(created))
             return failure, False

@@ -631,3 +631,32 @@ def test_changes_while_a_refresh_waits_for_a_thread_are_served_by_it(
         assert [s.pods[0][1].phase for s in looked] == ["Running", "Succeeded"]
 
     asyncio.run(main())
+
+
+def test_the_first_create_is_on_its_way_while_the_rest_are_built(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ServiceAccount (what the Job waits for) is sent before the ConfigMap, the costliest
+    child to build, is built; the Job still comes last."""
+    from finetune_operator import builders
+
+    kube = FakeKube()
+    sent = threading.Event()
+    real_create, real_build = kube.create_if_missing, builders.build_config_map
+
+    def create(obj: Any) -> bool:
+        sent.set()
+        return real_create(obj)
+
+    seen_at_build: list[bool] = []
+
+    def build_config_map(*args: Any) -> Any:
+        seen_at_build.append(sent.wait(5))
+        return real_build(*args)
+
+    monkeypatch.setattr(kube, "create_if_missing", create)
+    monkeypatch.setattr(builders, "build_config_map", build_config_map)
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is None
+    assert seen_at_build == [True]
+    assert kube.calls[0] == ("create", "ServiceAccount") and kube.calls[-1] == ("create", "Job")
