@@ -55,9 +55,14 @@ log = logging.getLogger(__name__)
 # Children are created concurrently, each as soon as what it needs exists: binding a Role needs
 # the Role (the API server checks that the operator holds what the binding grants), and the Job's
 # pods need their ServiceAccount (a pod naming one that does not exist is refused, and the Job
-# controller backs off) and, with DRA, the ResourceClaimTemplate. The ConfigMap is only mounted
-# when a pod starts on a node, long after its concurrent create has returned.
-NEEDS = {"Job": ("ServiceAccount", "ResourceClaimTemplate"), "RoleBinding": ("Role",)}
+# controller backs off) and, with DRA, the ResourceClaimTemplate. The Job also waits for the
+# ConfigMap and the Role, sent at the same time as the ServiceAccount (no round trip more): a child
+# refused at once (a policy, a quota) then stops the pass before there is a Job, whose pod would
+# be made only to be deleted again, on every retry.
+NEEDS = {
+    "Job": ("ServiceAccount", "ResourceClaimTemplate", "ConfigMap", "Role"),
+    "RoleBinding": ("Role",),
+}
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
 
 # Posts a Kubernetes Event about the FineTuneJob: (body, type, reason, message).
@@ -282,9 +287,8 @@ class Reconciler:
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> Iterator[Any]:
         """The children, each built when the pass asks for the next, in the order they are
-        created (each after what it NEEDS): the first create is on its way while the rest are
-        built, and the Job comes last, so a child refused at once (a policy, a quota) usually
-        stops the pass before there is a Job."""
+        created (each after what it NEEDS, the Job last): the first create is on its way while
+        the rest are built."""
         if self.settings.status_reporting:
             yield builders.build_service_account(job)
             yield builders.build_role(job)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from dataclasses import replace
 from typing import Any, cast
 
@@ -293,12 +294,21 @@ def test_a_refused_job_leaves_no_child_behind() -> None:
 
 
 def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> None:
+    """The ConfigMap is refused (a quota), and its answer comes last: the Job waits for it."""
     kube = FakeKube(refuse={"ConfigMap": 403})
+    real_create = kube.create_if_missing
+
+    def create(obj: Any) -> bool:
+        if type(obj).__name__ == "V1ConfigMap":
+            time.sleep(0.3)  # the ServiceAccount is long answered
+        return real_create(obj)
+
+    kube.create_if_missing = create  # type: ignore[method-assign]
     rec, _ = reconciler(kube)
     failure = rec.reconcile(body())
     assert failure is not None and not failure.permanent
-    assert not kube.objects
-    assert ("create", "Job") not in kube.calls and ("create", "RoleBinding") not in kube.calls
+    assert not kube.objects  # what was made meanwhile (the RoleBinding too, maybe) is undone
+    assert ("create", "Job") not in kube.calls  # the Job waits for the ConfigMap's answer
     assert kube.status is not None and kube.status["phase"] == "Pending"
 
 
