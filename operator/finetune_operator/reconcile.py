@@ -304,8 +304,8 @@ class Reconciler:
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> tuple[ChildFailure | None, bool]:
         """Create the missing children, all or none: concurrently, each as soon as it is built
-        and what it NEEDS exists (the Job after one round trip, for its ServiceAccount). What a
-        pass created is deleted again if a child is refused. Returns the refusal, if any, and
+        and what it NEEDS exists (the Job after one round trip: the ServiceAccount, the Role and
+        the ConfigMap go together). What a pass created is deleted again if a child is refused. Returns the refusal, if any, and
         whether the Job was created."""
         present: set[str] = set()
         waiting: list[Any] = []
