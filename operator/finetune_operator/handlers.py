@@ -103,15 +103,28 @@ def _keep_indices(kwargs: Mapping[str, Any]) -> None:
 _snapshots = itertools.count(1)
 
 
+# Disrupted pods (evicted, preempted, drained), kept after their deletion until the FineTuneJob
+# goes: that a pod was disrupted must not depend on a pass looking before the pod is deleted and
+# replaced. Disruptions are rare; this holds a few views at most.
+_disrupted: dict[tuple[str, str], dict[str, tuple[str, PodView]]] = {}
+
+
+def _remember_disruption(namespace: str, owner: str, body: kopf.Body) -> None:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions):
+        view = (body.metadata.labels[LABEL_UID], PodView.from_api(body))
+        _disrupted.setdefault((namespace, owner), {})[body.metadata.name or ""] = view
+
+
 def _seen(namespace: str, name: str) -> Seen:
     indices = _state["indices"]
     jobs = indices["training_jobs"].get((namespace, job_name(name)), ())
-    return Seen.collect(
-        next(iter(jobs), None),
-        indices["training_pods"].get((namespace, name), ()),
-        indices["gpu_nodes"],
-        next(_snapshots),
-    )
+    pods = indices["training_pods"].get((namespace, name), ())
+    gone = _disrupted.get((namespace, name))
+    if gone:
+        present = {view.name for _, view in pods}
+        pods = [*pods, *(p for podname, p in gone.items() if podname not in present)]
+    return Seen.collect(next(iter(jobs), None), pods, indices["gpu_nodes"], next(_snapshots))
 
 
 def _look(namespace: str, name: str) -> Seen:
@@ -191,6 +204,7 @@ async def track_awaiting_pod(event: kopf.RawEvent, body: kopf.Body, **kwargs: An
         _awaiting_pod.pop(key, None)
     if event.get("type") == "DELETED":
         _reconciler().forget(*key)
+        _disrupted.pop(key, None)
         _state["specs"].forget(body.metadata.uid or "")
 
 
@@ -258,7 +272,10 @@ async def child_changed(
             return
         seen = _seen(namespace, owner)
         await asyncio.to_thread(_reconciler().refresh, namespace, owner, seen, heal="deleted")
-    elif resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
+        return
+    if resource.plural == "pods":
+        _remember_disruption(namespace, owner, body)
+    if resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
 

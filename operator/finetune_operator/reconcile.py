@@ -166,6 +166,9 @@ class Reconciler:
         # Children this operator deleted to undo a refused pass: their DELETED events are no
         # reason to make them again (that would loop at event speed).
         self._undone: set[tuple[str, str, str]] = set()
+        # The disrupted pods (by name) each job's Events have told of: a disruption is news once,
+        # whether a pass saw it on the newest pod or only after its replacement came.
+        self._told: dict[tuple[str, str], set[str]] = {}
 
     def _lock(self, namespace: str, name: str) -> threading.RLock:
         with self._locks_guard:
@@ -177,6 +180,7 @@ class Reconciler:
             self._locks.pop((namespace, name), None)
             self._used.pop((namespace, name), None)
             self._handled.discard((namespace, name))
+            self._told.pop((namespace, name), None)
 
     def _current(self, namespace: str, name: str, seen: Seen | None) -> Seen:
         """The pass's snapshot, or a new one if the last pass used a newer one (or none came).
@@ -390,6 +394,8 @@ class Reconciler:
         pods = tuple(p for uid, p in seen.pods if uid == job.uid)
         events = job_events if job_view is not None and not pods else None
         newest = newest_pod(pods)
+        told = self._told.get((job.namespace, job.name), set())
+        disrupted = tuple(p for p in pods if p.disruption and p.name not in told)
         node = diagnosis = allocation = None
         if newest is not None and self.settings.dra:
             node, diagnosis, allocation = self._dra_placement(job.namespace, requirement, newest)
@@ -420,8 +426,12 @@ class Reconciler:
             job_events=events,
             queue=job.queue,
             workload=workload,
+            disrupted=disrupted,
         )
         self._write_status(body, obs)
+        news = {p.name for p in pods if p.disruption} - told
+        if news:
+            self._told.setdefault((job.namespace, job.name), set()).update(news)
 
     def _dra_placement(
         self, namespace: str, requirement: GpuRequirement, pod: PodView

@@ -54,6 +54,9 @@ class Observation:
     job_events: JobEvents | None = None
     queue: str | None = None  # the LocalQueue (kueue.x-k8s.io/queue-name label), if queued
     workload: WorkloadView | None = None  # Kueue's Workload for the Job
+    # Disrupted pods not announced yet in this process (each is news once, even if a replacement
+    # came, or the pod was deleted, before any pass saw it as the newest pod).
+    disrupted: tuple[PodView, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -243,10 +246,26 @@ def derive(
     transitions = []
     # A new phase is announced unless a condition's Warning says the same (the phase Pending for
     # NoCompatibleGPU, say): one Event for one news, at the severity of the condition's.
-    if phase != previous.phase and all(w.reason != reason for w in warnings):
+    # A disruption is announced per pod, below, not as a phase.
+    news = phase != previous.phase and reason != "Disrupted"
+    if news and all(w.reason != reason for w in warnings):
         kind: Literal["Normal", "Warning"] = "Warning" if phase is Phase.FAILED else "Normal"
         transitions.append(Transition(kind, reason, message))
-    return status, transitions + warnings
+    return status, transitions + warnings + _disruptions(previous, obs)
+
+
+def _disruptions(previous: FineTuneJobStatus, obs: Observation) -> list[Transition]:
+    """One Event per disrupted pod, unless the status already tells of it (the operator
+    restarted since)."""
+    messages = [disruption_message(p) for p in obs.disrupted]
+    return [Transition("Normal", "Disrupted", m) for m in messages if m != previous.message]
+
+
+def disruption_message(pod: PodView) -> str:
+    return (
+        f"training pod {pod.name} disrupted ({pod.disruption}); a replacement resumes from the "
+        "last checkpoint without using a retry"
+    )
 
 
 _ORDER = [t.value for t in ConditionType]
@@ -459,10 +478,7 @@ def _on_node(
     b: _Builder, obs: Observation, status: FineTuneJobStatus, pod: PodView, where: str
 ) -> tuple[Phase, str, str]:
     if pod.disruption is not None:  # the Job's pod failure policy: no retry is used
-        message = (
-            f"training pod disrupted ({pod.disruption}); a replacement resumes from the last "
-            "checkpoint without using a retry"
-        )
+        message = disruption_message(pod)
         b.set(ConditionType.RUNNING, "False", "Disrupted", message)
         return Phase.PENDING, "Disrupted", message
     if pod.phase == "Running":

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from finetune_api import ComputeCapability
 from finetune_api.resource import FineTuneJobStatus
 from finetune_operator import tuning
+from finetune_operator.builders import LABEL_NAME, LABEL_UID
 from finetune_operator.children import ChildFailure
 from finetune_operator.observe import JobView, PodView
 from finetune_operator.placement import GpuNode, GpuRequirement
@@ -670,3 +671,104 @@ def test_the_first_create_is_on_its_way_while_the_rest_are_built(
     assert rec.reconcile(body()) is None
     assert seen_at_build == [True]
     assert kube.calls[0] == ("create", "ServiceAccount") and kube.calls[-1] == ("create", "Job")
+
+
+def evicted_pod(name: str = "j-train-abc") -> dict[str, Any]:
+    """The running pod after the Eviction API marked it (the kubelet then stops it)."""
+    pod = running_pod()
+    disruption = {
+        "type": "DisruptionTarget",
+        "status": "True",
+        "reason": "EvictionByEvictionAPI",
+        "message": "Eviction API: evicting",
+    }
+    meta = {**pod["metadata"], "name": name, "labels": {LABEL_UID: "u1"}}
+    return {**pod, "metadata": meta, "status": {**pod["status"], "conditions": [disruption]}}
+
+
+def test_a_disruption_is_told_once_even_if_a_pass_first_sees_the_replacement() -> None:
+    """An evicted pod gets its DisruptionTarget condition, stops, and the Job controller replaces
+    it; a busy operator may first look when the replacement already runs. The disruption is
+    still news, told once; and when a pass does see it on the newest pod, once too."""
+    kube = FakeKube()
+    rec, events = reconciler(kube)
+    kube.get_finetunejob = lambda namespace, name: body(kube.status)  # type: ignore[attr-defined]
+    evicted = PodView.from_api(evicted_pod())
+    replacement = {**running_pod(), "metadata": {
+        "name": "j-train-new", "creationTimestamp": "2026-01-01T00:05:00Z"}}  # fmt: skip
+    late = Seen.collect(ACTIVE_JOB, [("u1", evicted), ("u1", PodView.from_api(replacement))], None)
+    rec.refresh("ns", "j", late)
+    assert kube.status is not None and kube.status["phase"] == "Running"
+    told = [m for t, r, m in events if r == "Disrupted"]
+    assert len(told) == 1 and "j-train-abc" in told[0] and "EvictionByEvictionAPI" in told[0]
+    rec.refresh("ns", "j", late)
+    assert len([r for _t, r, _m in events if r == "Disrupted"]) == 1
+    # A pass that sees the disrupted pod as the newest: the phase says it, and one Event.
+    rec.forget("ns", "j")
+    kube.status, events[:] = {"phase": "Running"}, []
+    rec.refresh("ns", "j", Seen.collect(ACTIVE_JOB, [("u1", evicted)], None))
+    assert kube.status["phase"] == "Pending" and "EvictionByEvictionAPI" in kube.status["message"]
+    assert [r for _t, r, _m in events] == ["Disrupted"]
+    rec.refresh("ns", "j", late)  # then its replacement: nothing more to tell of it
+    assert kube.status["phase"] == "Running"
+    assert [r for _t, r, _m in events].count("Disrupted") == 1
+    # After a restart (nothing in memory), a status that already tells of it is not told again.
+    rec.forget("ns", "j")
+    kube.status, events[:] = None, []
+    rec.refresh("ns", "j", Seen.collect(ACTIVE_JOB, [("u1", evicted)], None))
+    rec.forget("ns", "j")
+    events[:] = []
+    rec.refresh("ns", "j", Seen.collect(ACTIVE_JOB, [("u1", evicted)], None))
+    assert events == []
+
+
+def test_a_disrupted_pod_stays_in_the_snapshots_after_its_deletion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch caches drop a deleted pod; the disruption it carried stays in the job's
+    snapshots until the FineTuneJob goes."""
+    from finetune_operator import handlers
+
+    monkeypatch.setattr(handlers, "_state", {})
+    monkeypatch.setattr(handlers, "_disrupted", {})
+    pods: dict[tuple[str, str], list[tuple[str, PodView]]] = {}
+    indices = {"training_jobs": {}, "training_pods": pods, "gpu_nodes": None}
+    monkeypatch.setitem(handlers._state, "indices", indices)
+    monkeypatch.setattr(handlers, "REFRESH_DELAY_SECONDS", 0)
+    refreshed: list[str] = []
+
+    class Recording:
+        def refresh(self, namespace: str, name: str, seen: Seen | None = None) -> None:
+            refreshed.append(name)
+
+        def forget(self, namespace: str, name: str) -> None:
+            refreshed.append(f"forget {name}")
+
+    monkeypatch.setitem(handlers._state, "reconciler", Recording())
+    monkeypatch.setitem(handlers._state, "specs", tuning.SpecMemory())
+    evicted = evicted_pod()
+    evicted["metadata"] |= {"namespace": "ns", "annotations": {LABEL_NAME: "j"}}
+    pod_resource = kopf.Resource("", "v1", "pods")
+
+    async def deleted() -> None:
+        event = cast(kopf.RawEvent, {"type": "DELETED", "object": evicted})
+        pods.pop(("ns", "j"), None)  # kopf drops it from its index, then runs handlers
+        await handlers.child_changed(kopf.Body(evicted), event, pod_resource, **indices)
+
+    asyncio.run(deleted())
+    ((owner_uid, view),) = handlers._seen("ns", "j").pods
+    assert owner_uid == "u1" and view.name == "j-train-abc"
+    assert view.disruption == "EvictionByEvictionAPI: Eviction API: evicting"
+    # present in the caches again (never, but a relist): listed once
+    pods[("ns", "j")] = [("u1", view)]
+    assert len(handlers._seen("ns", "j").pods) == 1
+    ftj = {"metadata": {"name": "j", "namespace": "ns", "uid": "u1"}, "status": {}}
+    monkeypatch.setattr(handlers, "_ensure_ticker", lambda: None)
+    asyncio.run(
+        handlers.track_awaiting_pod(
+            cast(kopf.RawEvent, {"type": "DELETED"}), kopf.Body(ftj), **indices
+        )
+    )
+    pods.clear()
+    assert handlers._seen("ns", "j").pods == ()
+    assert refreshed == ["j", "forget j"]  # the deletion was a change too
