@@ -30,6 +30,16 @@ def _drain(response: Any) -> bytes:
     return data
 
 
+def _read(request: Any, *args: Any, **kwargs: Any) -> Any | None:
+    """A GET's JSON, or None when the object does not exist (404); other errors raise."""
+    try:
+        return _json(request(*args, **kwargs, **RAW))
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def load_config() -> None:
     """In-cluster credentials when running in a pod, else the local kubeconfig."""
     try:
@@ -141,26 +151,12 @@ class Kube:
         return {job: sorted(entries) for job, entries in found.items()}
 
     def job_exists(self, namespace: str, name: str) -> bool:
-        try:
-            _drain(self.batch.read_namespaced_job(name, namespace, **RAW))
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        return _read(self.batch.read_namespaced_job, name, namespace) is not None
 
     def get_finetunejob(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            obj: dict[str, Any] = _json(
-                self.custom.get_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, name, **RAW
-                )
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return obj
+        get = self.custom.get_namespaced_custom_object
+        found: dict[str, Any] | None = _read(get, GROUP, VERSION, namespace, PLURAL, name)
+        return found
 
     def patch_finetunejob_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         _drain(self.custom.patch_namespaced_custom_object_status(
@@ -197,14 +193,9 @@ class Kube:
 
     def get_resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
         """A ResourceClaim as the API server sends it (camelCase), or None when it is gone."""
-        try:
-            claim: dict[str, Any] = _json(
-                self.resource.read_namespaced_resource_claim(name, namespace, **RAW)
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        claim: dict[str, Any] | None = _read(
+            self.resource.read_namespaced_resource_claim, name, namespace
+        )
         return claim
 
     def gpu_devices(self) -> list[GpuDevice]:
