@@ -429,9 +429,10 @@ class Reconciler:
             disrupted=disrupted,
         )
         self._write_status(body, obs)
-        news = {p.name for p in pods if p.disruption} - told
-        if news:
-            self._told.setdefault((job.namespace, job.name), set()).update(news)
+        if disrupted:
+            self._told.setdefault((job.namespace, job.name), set()).update(
+                p.name for p in disrupted
+            )
 
     def _dra_placement(
         self, namespace: str, requirement: GpuRequirement, pod: PodView
