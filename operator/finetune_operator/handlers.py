@@ -110,10 +110,10 @@ _disrupted: dict[tuple[str, str], dict[str, tuple[str, PodView]]] = {}
 
 
 def _remember_disruption(namespace: str, owner: str, body: kopf.Body) -> None:
-    conditions = (body.get("status") or {}).get("conditions") or []
-    if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions):
-        view = (body.metadata.labels[LABEL_UID], PodView.from_api(body))
-        _disrupted.setdefault((namespace, owner), {})[body.metadata.name or ""] = view
+    view = PodView.from_api(body)
+    if view.disruption is not None:
+        entry = (body.metadata.labels[LABEL_UID], view)
+        _disrupted.setdefault((namespace, owner), {})[view.name] = entry
 
 
 def _seen(namespace: str, name: str) -> Seen:

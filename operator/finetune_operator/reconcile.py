@@ -309,8 +309,8 @@ class Reconciler:
     ) -> tuple[ChildFailure | None, bool]:
         """Create the missing children, all or none: concurrently, each as soon as it is built
         and what it NEEDS exists (the Job after one round trip: the ServiceAccount, the Role and
-        the ConfigMap go together). What a pass created is deleted again if a child is refused. Returns the refusal, if any, and
-        whether the Job was created."""
+        the ConfigMap go together). What a pass created is deleted again if a child is refused.
+        Returns the refusal, if any, and whether the Job was created."""
         present: set[str] = set()
         waiting: list[Any] = []
         done: set[str] = set()
