@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import yaml
 from kubernetes.client import (
     CoreV1ResourceClaim,
-    RbacV1Subject,
     V1Affinity,
     V1Capabilities,
     V1CELDeviceSelector,
@@ -40,19 +39,14 @@ from kubernetes.client import (
     V1PodSecurityContext,
     V1PodSpec,
     V1PodTemplateSpec,
-    V1PolicyRule,
     V1ResourceClaimSpec,
     V1ResourceClaimTemplate,
     V1ResourceClaimTemplateSpec,
     V1ResourceRequirements,
-    V1Role,
-    V1RoleBinding,
-    V1RoleRef,
     V1SeccompProfile,
     V1SecretKeySelector,
     V1SecurityContext,
     V1Service,
-    V1ServiceAccount,
     V1ServicePort,
     V1ServiceSpec,
     V1Toleration,
@@ -67,7 +61,6 @@ from finetune_api.resource import (
     KIND,
     KUEUE_PRIORITY_LABEL,
     KUEUE_QUEUE_LABEL,
-    PLURAL,
     FineTuneJobSpec,
 )
 from finetune_operator import dra
@@ -81,6 +74,9 @@ TRAINER_UID = 65532
 TRAINER_CONTAINER = "trainer"
 CACHE_DIR = "/cache"
 MAX_CHILD_NAME = 52  # leaves room for the 6 characters the Job controller appends to pod names
+TRAINER_JOB_SUFFIX = "train"
+# The ServiceAccount training pods run as, one per namespace (trainer_identity.py).
+TRAINER_ACCOUNT = "finetune-trainer"
 # On SIGTERM (preemption, suspend, node drain) the trainer saves a checkpoint before it exits.
 TERMINATION_GRACE_SECONDS = 300
 
@@ -117,15 +113,11 @@ def child_name(name: str, suffix: str) -> str:
 
 
 def job_name(name: str) -> str:
-    return child_name(name, "train")
+    return child_name(name, TRAINER_JOB_SUFFIX)
 
 
 def config_map_name(name: str) -> str:
     return child_name(name, "config")
-
-
-def trainer_account_name(name: str) -> str:
-    return child_name(name, "trainer")
 
 
 def claim_template_name(name: str) -> str:
@@ -223,30 +215,6 @@ def build_config_map(
     )
     return V1ConfigMap(
         metadata=_metadata(job, config_map_name(job.name)), data={tc.CONFIG_KEY: text}
-    )
-
-
-def build_service_account(job: JobIdentity) -> V1ServiceAccount:
-    return V1ServiceAccount(metadata=_metadata(job, trainer_account_name(job.name)))
-
-
-def build_role(job: JobIdentity) -> V1Role:
-    """The trainer may read and patch the status of its own FineTuneJob, nothing else."""
-    rule = V1PolicyRule(
-        api_groups=[GROUP],
-        resources=[f"{PLURAL}/status"],
-        resource_names=[job.name],
-        verbs=["get", "patch"],
-    )
-    return V1Role(metadata=_metadata(job, trainer_account_name(job.name)), rules=[rule])
-
-
-def build_role_binding(job: JobIdentity) -> V1RoleBinding:
-    name = trainer_account_name(job.name)
-    return V1RoleBinding(
-        metadata=_metadata(job, name),
-        role_ref=V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
-        subjects=[RbacV1Subject(kind="ServiceAccount", name=name, namespace=job.namespace)],
     )
 
 
@@ -440,7 +408,7 @@ def build_job(
         containers=[container],
         restart_policy="Never",
         termination_grace_period_seconds=TERMINATION_GRACE_SECONDS,
-        service_account_name=trainer_account_name(job.name) if settings.status_reporting else None,
+        service_account_name=TRAINER_ACCOUNT if settings.status_reporting else None,
         automount_service_account_token=settings.status_reporting,
         security_context=V1PodSecurityContext(
             run_as_non_root=True,

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from finetune_api.resource import GROUP, PLURAL, VERSION
-from finetune_operator import tuning, webhook
+from finetune_operator import trainer_identity, tuning, webhook
 from finetune_operator.builders import LABEL_NAME, LABEL_UID, job_name
-from finetune_operator.kube import Kube, load_config
+from finetune_operator.kube import Kube, api_message, load_config
 from finetune_operator.kueue import GROUP as KUEUE_GROUP
 from finetune_operator.kueue import JOB_UID_LABEL
 from finetune_operator.kueue import VERSION as KUEUE_VERSION
@@ -160,6 +161,8 @@ def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) 
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     ours: Settings = _state["settings"]
     _state["specs"] = tuning.tune(settings, None if ours.dra else ours.labels.compute_major)
+    if ours.status_reporting:
+        _keep_trainer_policy()
     if ours.webhook:
         service = None
         if ours.webhook_service and ours.webhook_namespace:
@@ -170,6 +173,24 @@ def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
             ours.webhook_host, ours.webhook_port, ours.webhook_cert_dir, service, ours.webhook_url
         )
         settings.admission.managed = webhook.CONFIGURATION_NAME
+
+
+def _keep_trainer_policy() -> None:
+    """The admission policy that keeps each trainer to its own job's progress: the operator
+    does not make a shared trainer identity without it."""
+    try:
+        _reconciler().kube.keep_admission_policy(
+            trainer_identity.build_policy(), trainer_identity.build_policy_binding()
+        )
+    except ApiException as exc:
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+            raise kopf.PermanentError(
+                f"cannot keep the ValidatingAdmissionPolicy {trainer_identity.POLICY} "
+                f"({api_message(exc)}); grant the operator create, get and update on "
+                "validatingadmissionpolicies and their bindings, or run it with "
+                "--status-reporting=false"
+            ) from exc
+        raise
 
 
 @kopf.on.resume(*FTJ)
@@ -254,9 +275,6 @@ async def _refresh_later(namespace: str, name: str) -> None:
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "configmaps", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
-@kopf.on.event("", "v1", "serviceaccounts", labels=CHILD_LABELS)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=CHILD_LABELS)
-@kopf.on.event("rbac.authorization.k8s.io", "v1", "rolebindings", labels=CHILD_LABELS)
 async def child_changed(
     body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **kwargs: Any
 ) -> None:
@@ -278,6 +296,21 @@ async def child_changed(
     if resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
         _refresh_soon.add((namespace, owner))
         await _refresh_later(namespace, owner)
+
+
+# A namespace's trainer identity (trainer_identity.py), shared by its jobs: a part deleted is made
+# again at once while the namespace has FineTuneJobs (their pods use it), else by its next job.
+@kopf.on.event("", "v1", "serviceaccounts", labels=trainer_identity.IDENTITY_LABELS)
+@kopf.on.event("rbac.authorization.k8s.io", "v1", "roles", labels=trainer_identity.IDENTITY_LABELS)
+@kopf.on.event(
+    "rbac.authorization.k8s.io", "v1", "rolebindings", labels=trainer_identity.IDENTITY_LABELS
+)
+async def identity_changed(body: kopf.Body, event: kopf.RawEvent, **kwargs: Any) -> None:
+    _keep_indices(kwargs)
+    namespace = body.metadata.namespace or ""
+    if event.get("type") != "DELETED" or body.metadata.name != trainer_identity.ACCOUNT:
+        return
+    await asyncio.to_thread(_reconciler().identity_lost, namespace)
 
 
 # Kueue's Workload of a queued job (Queued, Admitted, Evicted...). Inactive where Kueue's CRDs are

@@ -113,9 +113,6 @@ class Kube:
         deleters = {
             "V1ConfigMap": self.core.delete_namespaced_config_map,
             "V1Service": self.core.delete_namespaced_service,
-            "V1ServiceAccount": self.core.delete_namespaced_service_account,
-            "V1Role": self.rbac.delete_namespaced_role,
-            "V1RoleBinding": self.rbac.delete_namespaced_role_binding,
             "V1Job": self.batch.delete_namespaced_job,
             "V1ResourceClaimTemplate": self.resource.delete_namespaced_resource_claim_template,
         }
@@ -131,6 +128,37 @@ class Kube:
         except ApiException as exc:
             if exc.status != 404:
                 raise
+
+    def keep_admission_policy(
+        self,
+        policy: client.V1ValidatingAdmissionPolicy,
+        binding: client.V1ValidatingAdmissionPolicyBinding,
+    ) -> None:
+        """Create the policy and its binding, or replace the ones there (an upgrade may have
+        changed them): at start-up, four calls at most."""
+        admission = client.AdmissionregistrationV1Api(self.api)
+        for obj, create, read, replace in (
+            (
+                policy,
+                admission.create_validating_admission_policy,
+                admission.read_validating_admission_policy,
+                admission.replace_validating_admission_policy,
+            ),
+            (
+                binding,
+                admission.create_validating_admission_policy_binding,
+                admission.read_validating_admission_policy_binding,
+                admission.replace_validating_admission_policy_binding,
+            ),
+        ):
+            try:
+                _drain(create(obj, **RAW))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                found = _json(read(obj.metadata.name, **RAW))
+                obj.metadata.resource_version = found["metadata"]["resourceVersion"]
+                _drain(replace(obj.metadata.name, obj, **RAW))
 
     def job_warnings(self, namespace: str) -> dict[str, list[tuple[str, str, str]]]:
         """Warning Events about the namespace's Jobs (e.g. FailedCreate), by Job name, oldest

@@ -27,7 +27,7 @@ from finetune_api.resource import (
     FineTuneJobSpec,
     FineTuneJobStatus,
 )
-from finetune_operator import builders, dra
+from finetune_operator import builders, dra, trainer_identity
 from finetune_operator.builders import JobIdentity
 from finetune_operator.children import ChildFailure, child_kind
 from finetune_operator.dra import Allocation
@@ -56,11 +56,12 @@ log = logging.getLogger(__name__)
 # the Role (the API server checks that the operator holds what the binding grants), and the Job's
 # pods need their ServiceAccount (a pod naming one that does not exist is refused, and the Job
 # controller backs off) and, with DRA, the ResourceClaimTemplate. The Job also waits for the
-# ConfigMap and the Role, sent at the same time as the ServiceAccount (no round trip more): a child
-# refused at once (a policy, a quota) then stops the pass before there is a Job, whose pod would
-# be made only to be deleted again, on every retry.
+# ConfigMap, sent at the same time as the ServiceAccount (no round trip more): a child refused at
+# once (a policy, a quota) then stops the pass before there is a Job, whose pod would be made only
+# to be deleted again, on every retry. (The ServiceAccount, Role and RoleBinding are the
+# namespace's trainer identity, made by the first pass in a namespace: trainer_identity.py.)
 NEEDS = {
-    "Job": ("ServiceAccount", "ResourceClaimTemplate", "ConfigMap", "Role"),
+    "Job": ("ServiceAccount", "ResourceClaimTemplate", "ConfigMap"),
     "RoleBinding": ("Role",),
 }
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
@@ -166,6 +167,8 @@ class Reconciler:
         # Children this operator deleted to undo a refused pass: their DELETED events are no
         # reason to make them again (that would loop at event speed).
         self._undone: set[tuple[str, str, str]] = set()
+        # Namespaces whose trainer identity (trainer_identity.py) a pass has seen made, or found.
+        self._identities: set[str] = set()
         # The disrupted pods (by name) each job's Events have told of: a disruption is news once,
         # whether a pass saw it on the newest pod or only after its replacement came.
         self._told: dict[tuple[str, str], set[str]] = {}
@@ -293,10 +296,8 @@ class Reconciler:
         """The children, each built when the pass asks for the next, in the order they are
         created (each after what it NEEDS, the Job last): the first create is on its way while
         the rest are built."""
-        if self.settings.status_reporting:
-            yield builders.build_service_account(job)
-            yield builders.build_role(job)
-            yield builders.build_role_binding(job)
+        if self.settings.status_reporting and job.namespace not in self._identities:
+            yield from trainer_identity.build_identity(job.namespace)
         yield builders.build_config_map(job, spec, requirement)
         if spec.resources.nodes > 1:
             yield builders.build_workers_service(job)
@@ -351,13 +352,36 @@ class Reconciler:
             if not running:
                 break  # a refusal stopped the rest
             collect(None)
-        if failure is not None:
-            self._undo(reversed(created))
+        if failure is not None:  # (the namespace's trainer identity is shared: kept)
+            self._undo(c for c in reversed(created) if not trainer_identity.is_identity(c))
             return failure, False
+        if self.settings.status_reporting:
+            self._identities.add(job.namespace)
         if created:
             names = ", ".join(f"{child_kind(c)} {c.metadata.name}" for c in created)
             log.info("%s/%s: created %s", job.namespace, job.name, names)
         return None, any(child_kind(c) == "Job" for c in created)
+
+    def identity_lost(self, namespace: str) -> None:
+        """A part of the namespace's trainer identity was deleted: make it again now (or with
+        the namespace's next job)."""
+        self._identities.discard(namespace)
+        self.restore_identity(namespace)
+
+    def restore_identity(self, namespace: str) -> None:
+        """Make what is missing of the namespace's trainer identity again while the namespace
+        has FineTuneJobs (their training pods use it); else its next job makes it."""
+        with self._locks_guard:
+            if not any(ns == namespace for ns, _ in self._handled):
+                return
+        for part in trainer_identity.build_identity(namespace):
+            outcome = self._create(part)
+            if isinstance(outcome, ChildFailure):
+                log.warning("trainer identity of namespace %s: %s", namespace, outcome.describe())
+                return
+            if outcome:
+                log.info("%s: made %s %s again", namespace, child_kind(part), part.metadata.name)
+        self._identities.add(namespace)
 
     def _undo(self, created: Iterable[Any]) -> None:
         for child in created:

@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
              "[FINETUNE_MEMORY_AFFINITY]")  # fmt: skip
     add("--status-reporting", type=_bool,
         default=_bool(_env("STATUS_REPORTING", "true") or "true"),
-        help="give each training pod a ServiceAccount allowed to patch its own FineTuneJob's "
-             "status, for live progress [FINETUNE_STATUS_REPORTING]")  # fmt: skip
+        help="live progress: training pods run as their namespace's finetune-trainer account, "
+             "which an admission policy lets patch only its own FineTuneJob's status.progress "
+             "[FINETUNE_STATUS_REPORTING]")  # fmt: skip
     add("--progress-interval", type=float,
         default=float(_env("PROGRESS_INTERVAL", "10") or "10"),
         help="seconds between two progress reports of a training pod "

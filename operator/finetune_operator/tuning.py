@@ -13,6 +13,7 @@ import kopf
 
 from finetune_api.resource import GROUP
 from finetune_operator.builders import LABEL_UID
+from finetune_operator.trainer_identity import IDENTITY_LABELS
 
 # The kinds the operator makes for a FineTuneJob and watches (group, version, plural): the API
 # server sends only the objects labelled as ours, so a cluster's other pods, Jobs, ConfigMaps,
@@ -23,10 +24,13 @@ CHILD_KINDS = (
     ("", "v1", "pods"),
     ("", "v1", "configmaps"),
     ("", "v1", "services"),
+    ("resource.k8s.io", "v1", "resourceclaimtemplates"),
+)
+# The kinds of a namespace's trainer identity (trainer_identity.py), shared by its jobs.
+IDENTITY_KINDS = (
     ("", "v1", "serviceaccounts"),
     ("rbac.authorization.k8s.io", "v1", "roles"),
     ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-    ("resource.k8s.io", "v1", "resourceclaimtemplates"),
 )
 # How long an object's worker waits for its next event before it ends (kopf's default: 5 s). A
 # job's events come seconds apart; a worker kept meanwhile holds its last event's body.
@@ -113,6 +117,9 @@ def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> SpecM
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
     for kind in CHILD_KINDS:
         settings.watching.label_selectors[kind] = LABEL_UID
+    identity = ",".join(f"{k}={v}" for k, v in IDENTITY_LABELS.items())
+    for kind in IDENTITY_KINDS:
+        settings.watching.label_selectors[kind] = identity
     if gpu_label is not None:
         settings.watching.label_selectors["", "v1", "nodes"] = gpu_label
     return memory

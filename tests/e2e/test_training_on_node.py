@@ -3,7 +3,7 @@ trainer image in containerd, and it trains.
 
 The training pod is the operator's, unchanged: the trainer reads the operator's ConfigMap, the
 PersistentVolumes and its projected service-account token inside a real container (UID 65532,
-read-only root filesystem, restricted namespace), reports progress with its own per-job RBAC, and
+read-only root filesystem, restricted namespace), reports progress as its namespace's trainer account, and
 writes its one-line failure to the container's termination message. `kubectl delete pod` is the
 kubelet's SIGTERM to the container. Needs root and the images (hack/images.sh).
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from realnode import RealNode
 
+from finetune_operator.trainer_identity import ACCOUNT
 from integration.harness import Cluster, Namespace, service_account_token, wait_for
 from nodetier import NODE, OnNode, get_wide, seed_volumes, tiny_job, trainer_namespace
 from tinymodel import TINY_QLORA
@@ -147,8 +148,9 @@ def test_gpu_only_scheme_on_cpu_fails_with_the_trainers_line(e2e: OnNode) -> Non
 
 
 def test_trainer_token_can_patch_only_its_own_status(e2e: OnNode) -> None:
-    """The per-job ServiceAccount may patch its FineTuneJob's status and nothing else. (nvfp4
-    needs a Blackwell, which this node is not: the jobs stay unscheduled, their accounts exist.)"""
+    """The namespace's trainer account, with its token bound to a job's training pod, may patch
+    that FineTuneJob's status.progress and nothing else. (nvfp4 needs a Blackwell, which this node
+    is not: the jobs stay unscheduled, their pods exist.)"""
     ns = e2e.ns
     quiet = {
         "pretrained_model": "tiny-llama",
@@ -158,7 +160,14 @@ def test_trainer_token_can_patch_only_its_own_status(e2e: OnNode) -> None:
     }
     for name in ("mine", "other"):
         assert ns.apply(tiny_job(name, quiet)).returncode == 0
-    token = service_account_token(ns.cluster, ns.name, "mine-trainer")
+    pods = wait_for(
+        lambda: (
+            ns.cluster.core.list_namespaced_pod(ns.name, label_selector="job-name=mine-train").items
+        ),
+        what="the training pod of mine",
+    )
+    token = service_account_token(ns.cluster, ns.name, ACCOUNT, pods[0])
+    unbound = service_account_token(ns.cluster, ns.name, ACCOUNT)
 
     def can(*args: str) -> bool:
         result = subprocess.run(
@@ -169,6 +178,8 @@ def test_trainer_token_can_patch_only_its_own_status(e2e: OnNode) -> None:
 
     assert can_via_api(ns, token, "mine")
     assert not can_via_api(ns, token, "other")
+    assert not can_via_api(ns, unbound, "mine")
+    assert not can_via_api(ns, token, "mine", '{"status": {"phase": "Succeeded"}}')
     assert not can("get", "secrets", "-n", ns.name)
     assert not can("delete", "ftj", "mine", "-n", ns.name)
 
@@ -177,12 +188,14 @@ def _server(cluster: Cluster) -> str:
     return str(json.loads((cluster.root / "endpoints.json").read_text())["server"])
 
 
-def can_via_api(ns: Namespace, token: str, name: str) -> bool:
+def can_via_api(
+    ns: Namespace, token: str, name: str, body: str = '{"status": {"progress": {"step": 1}}}'
+) -> bool:
     """PATCH .../finetunejobs/NAME/status with the token, as the trainer does."""
     url = f"{_server(ns.cluster)}/apis/finetune.dev/v1alpha1/namespaces/{ns.name}/finetunejobs/{name}/status"
     request = urllib.request.Request(
         url,
-        data=b'{"status": {"progress": {"step": 1}}}',
+        data=body.encode(),
         method="PATCH",
         headers={
             "Authorization": f"Bearer {token}",

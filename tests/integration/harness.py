@@ -83,9 +83,11 @@ class Cluster:
         return result
 
 
-def service_account_token(cluster: Cluster, namespace: str, name: str) -> str:
+def service_account_token(
+    cluster: Cluster, namespace: str, name: str, pod: client.V1Pod | None = None
+) -> str:
     """A fresh token of the ServiceAccount, through the TokenRequest API (`kubectl create token`),
-    once the ServiceAccount exists."""
+    once the ServiceAccount exists; bound to `pod`, as the kubelet's token of a pod is."""
     wait_for(
         lambda: (
             cluster.core.list_namespaced_service_account(
@@ -94,7 +96,11 @@ def service_account_token(cluster: Cluster, namespace: str, name: str) -> str:
         ),
         what=f"ServiceAccount {namespace}/{name}",
     )
-    return cluster.kubectl("create", "token", name, "-n", namespace).stdout.strip()
+    bound = []
+    if pod is not None:
+        bound = ["--bound-object-kind", "Pod", "--bound-object-name", pod.metadata.name]
+        bound += ["--bound-object-uid", pod.metadata.uid]
+    return cluster.kubectl("create", "token", name, "-n", namespace, *bound).stdout.strip()
 
 
 def _kubectl_binary() -> str:

@@ -48,8 +48,9 @@ def warnings(ns: Namespace, name: str) -> list[tuple[str, str]]:
     return [(e.reason, e.message) for e in events.items]
 
 
-def children(ns: Namespace, uid: str) -> list[str]:
-    """Every child the operator made for the FineTuneJob with this uid, as 'Kind/name'."""
+def children(ns: Namespace, uid: str | None) -> list[str]:
+    """Every child the operator made for the FineTuneJob with this uid, as 'Kind/name' (with
+    None: the namespace's trainer identity)."""
     core, rbac = ns.cluster.core, client.RbacAuthorizationV1Api(ns.cluster.api)
     selector = f"finetune.dev/job-uid={uid}"
     listers = {
@@ -59,6 +60,8 @@ def children(ns: Namespace, uid: str) -> list[str]:
         "Role": rbac.list_namespaced_role,
         "RoleBinding": rbac.list_namespaced_role_binding,
     }
+    if uid is None:  # the namespace's trainer identity, shared by its jobs
+        selector = "app.kubernetes.io/component=trainer-identity"
     return sorted(
         f"{kind}/{item.metadata.name}"
         for kind, lister in listers.items()
@@ -165,16 +168,23 @@ def test_deleted_children_are_made_again_within_seconds(namespace: Namespace) ->
     wait_for(lambda: status(namespace, "heal").get("phase") == "Running", what="Running")
     uid = namespace.ftj("heal")["metadata"]["uid"]
     before = children(namespace, uid)
-    assert len(before) == 5
+    identity = ["Role/finetune-trainer", "RoleBinding/finetune-trainer",
+                "ServiceAccount/finetune-trainer"]  # fmt: skip
+    assert before == ["ConfigMap/heal-config", "Job/heal-train"]
+    assert children(namespace, None) == identity
     old_job = namespace.jobs()[0].metadata.uid
-    for kind, name in (("job", "heal-train"), ("configmap", "heal-config"), ("role", "heal-trainer"),
-                       ("serviceaccount", "heal-trainer")):  # fmt: skip
+    for kind, name in (("job", "heal-train"), ("configmap", "heal-config"),
+                       ("role", "finetune-trainer"), ("serviceaccount", "finetune-trainer")):  # fmt: skip
         namespace.cluster.kubectl("delete", kind, name, "-n", namespace.name, "--wait=false")
     wait_for(
-        lambda: children(namespace, uid) == before and namespace.jobs()[0].metadata.uid != old_job,
+        lambda: (
+            children(namespace, uid) == before
+            and children(namespace, None) == identity
+            and namespace.jobs()[0].metadata.uid != old_job
+        ),
         timeout=20,
         what="every child made again",
-        describe=lambda: children(namespace, uid),
+        describe=lambda: (children(namespace, uid), children(namespace, None)),
     )
     # The status follows the new Job (no stale Running=True from the old one meanwhile).
     wait_for(

@@ -159,7 +159,41 @@ def test_cluster_wide_by_default_namespaced_on_request() -> None:
         "customresourcedefinitions",
         "validatingwebhookconfigurations",
         "mutatingwebhookconfigurations",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
     }
+
+
+def test_the_trainer_identity_and_its_policy_only_with_status_reporting() -> None:
+    """The operator makes each namespace's trainer account, Role and RoleBinding (never deletes
+    them) and keeps the one admission policy that narrows them; without status reporting the
+    chart grants none of that."""
+
+    def granted(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {}
+        for role in of_kind(docs, "ClusterRole") + of_kind(docs, "Role"):
+            for rule in role["rules"]:
+                for resource in rule["resources"]:
+                    if resource in (
+                        "serviceaccounts",
+                        "roles",
+                        "rolebindings",
+                    ) or resource.startswith("validatingadmissionpolic"):
+                        names = ",".join(rule.get("resourceNames", []))
+                        found.setdefault(f"{resource}[{names}]", []).extend(rule["verbs"])
+        return {k: sorted(v) for k, v in found.items()}
+
+    policy = "[finetune-trainer.finetune.dev]"
+    assert granted(render()) == {
+        "serviceaccounts[]": ["create", "get", "list", "watch"],
+        "roles[]": ["create", "get", "list", "watch"],
+        "rolebindings[]": ["create", "get", "list", "watch"],
+        "validatingadmissionpolicies[]": ["create"],
+        "validatingadmissionpolicybindings[]": ["create"],
+        f"validatingadmissionpolicies{policy}": ["get", "update"],
+        f"validatingadmissionpolicybindings{policy}": ["get", "update"],
+    }
+    assert granted(render(None, "trainer.statusReporting=false")) == {}
 
 
 @pytest.mark.parametrize("values", VALUE_SETS, ids=name_of)

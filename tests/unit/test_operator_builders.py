@@ -207,24 +207,8 @@ def test_config_map_holds_the_resolved_trainer_config() -> None:
     assert config.job is not None and config.job.uid == "0000-1111"
 
 
-def test_trainer_role_is_limited_to_its_own_status() -> None:
-    role = SERIALIZE(builders.build_role(JOB))
-    assert role["rules"] == [
-        {
-            "apiGroups": ["finetune.dev"],
-            "resources": ["finetunejobs/status"],
-            "resourceNames": ["llama-sft"],
-            "verbs": ["get", "patch"],
-        }
-    ]
-    binding = SERIALIZE(builders.build_role_binding(JOB))
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "llama-sft-trainer", "namespace": "ml"}
-    ]
-
-
 @pytest.mark.parametrize("reporting", [True, False])
 def test_service_account_only_when_reporting(reporting: bool) -> None:
     p = pod(spec(), Settings(status_reporting=reporting))
-    assert p.get("serviceAccountName") == ("llama-sft-trainer" if reporting else None)
+    assert p.get("serviceAccountName") == ("finetune-trainer" if reporting else None)
     assert p["automountServiceAccountToken"] is reporting

@@ -269,6 +269,13 @@ def body(status: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
+IDENTITY = [
+    ("Role", "finetune-trainer"),
+    ("RoleBinding", "finetune-trainer"),
+    ("ServiceAccount", "finetune-trainer"),
+]
+
+
 def reconciler(kube: FakeKube) -> tuple[Reconciler, list[tuple[str, str, str]]]:
     events: list[tuple[str, str, str]] = []
     return Reconciler(
@@ -285,11 +292,9 @@ def test_a_refused_job_leaves_no_child_behind() -> None:
     failure = rec.reconcile(body())
     assert failure is not None and failure.permanent
     assert failure.describe() == "Job j-train refused: Job refused: field x is bad"
-    assert not kube.objects  # ServiceAccount, Role, RoleBinding and ConfigMap deleted again
-    # the newest first: the RoleBinding before the Role it binds
-    deleted = [kind for call, kind in kube.calls if call == "delete"]
-    assert sorted(deleted) == ["ConfigMap", "Role", "RoleBinding", "ServiceAccount"]
-    assert deleted.index("RoleBinding") < deleted.index("Role")
+    # The ConfigMap is deleted again; the namespace's trainer identity is shared, and stays.
+    assert sorted(kube.objects) == IDENTITY
+    assert [kind for call, kind in kube.calls if call == "delete"] == ["ConfigMap"]
     assert kube.status is not None and kube.status["phase"] == "Failed"
     assert ("Warning", "ChildRejected", failure.describe()) in events
 
@@ -308,7 +313,8 @@ def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> N
     rec, _ = reconciler(kube)
     failure = rec.reconcile(body())
     assert failure is not None and not failure.permanent
-    assert not kube.objects  # what was made meanwhile (the RoleBinding too, maybe) is undone
+    assert set(kube.objects) <= set(IDENTITY)  # what was made meanwhile is undone, but the
+    # namespace's trainer identity (shared)
     assert ("create", "Job") not in kube.calls  # the Job waits for the ConfigMap's answer
     assert kube.status is not None and kube.status["phase"] == "Pending"
 
@@ -338,8 +344,9 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     assert rec.reconcile(body()) is not None
     assert kube.status is not None
     # Each undone child is recognised once, by its DELETED event; other deletions are not.
-    assert rec.undone("ServiceAccount", "ns", "j-trainer")
-    assert not rec.undone("ServiceAccount", "ns", "j-trainer")
+    assert rec.undone("ConfigMap", "ns", "j-config")
+    assert not rec.undone("ConfigMap", "ns", "j-config")
+    assert not rec.undone("ServiceAccount", "ns", "finetune-trainer")  # shared, never undone
     assert not rec.undone("ConfigMap", "ns", "other")
     refused = body(kube.status)
     kube.get_finetunejob = lambda namespace, name: refused  # type: ignore[attr-defined]
@@ -458,7 +465,56 @@ def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
     failure = rec.reconcile(body())
     assert failure is not None and failure.kind == "ServiceAccount"
     assert ("create", "Job") not in kube.calls
-    assert not kube.objects  # the Role, RoleBinding and ConfigMap made meanwhile: deleted again
+    assert set(kube.objects) <= {("Role", "finetune-trainer"), ("RoleBinding", "finetune-trainer")}
+    # (the ConfigMap made meanwhile deleted again); the next pass tries the identity again
+    kube.refuse.clear()
+    kube.calls.clear()
+    assert rec.reconcile(body()) is None
+    assert ("create", "ServiceAccount") in kube.calls and ("Job", "j-train") in kube.objects
+
+
+def test_the_trainer_identity_is_made_once_per_namespace() -> None:
+    """The first job of a namespace makes its trainer identity; the next ones only their
+    ConfigMap and Job. Each pod runs as the namespace's account."""
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is None
+    kube.calls.clear()
+    second = body()
+    second["metadata"].update(name="k", uid="u2")
+    assert rec.reconcile(second) is None
+    assert [kind for call, kind in kube.calls if call == "create"] == ["ConfigMap", "Job"]
+    assert kube.objects[("Job", "k-train")].spec.template.spec.service_account_name == (
+        "finetune-trainer"
+    )
+    other = body()
+    other["metadata"].update(name="j", namespace="other", uid="u3")
+    kube.calls.clear()
+    assert rec.reconcile(other) is None  # (FakeKube keys objects by kind and name only)
+    assert ("create", "ServiceAccount") in kube.calls
+
+
+def test_a_deleted_identity_is_made_again() -> None:
+    kube = FakeKube()
+    rec, _ = reconciler(kube)
+    assert rec.reconcile(body()) is None
+    del kube.objects[("RoleBinding", "finetune-trainer")]
+    rec.identity_lost("ns")
+    assert ("RoleBinding", "finetune-trainer") in kube.objects
+    kube.refuse["ServiceAccount"] = 403  # the namespace going away: the next job tries again
+    del kube.objects[("ServiceAccount", "finetune-trainer")]
+    rec.identity_lost("ns")
+    kube.refuse.clear()
+    kube.calls.clear()
+    second = body()
+    second["metadata"].update(name="k", uid="u2")
+    assert rec.reconcile(second) is None
+    assert ("ServiceAccount", "finetune-trainer") in kube.objects
+    rec.forget("ns", "j")
+    rec.forget("ns", "k")
+    del kube.objects[("Role", "finetune-trainer")]
+    rec.identity_lost("ns")  # no job left in the namespace: not made again until the next one
+    assert ("Role", "finetune-trainer") not in kube.objects
 
 
 def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news() -> None:

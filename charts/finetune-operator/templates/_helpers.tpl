@@ -68,11 +68,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: [pods]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts, services]
+  resources: [configmaps, services]
   verbs: [get, list, watch, create, delete]
+{{- if .Values.trainer.statusReporting }}
+# The namespace's trainer identity (the finetune-trainer ServiceAccount, Role and RoleBinding),
+# made by its first job and again if deleted; never deleted by the operator.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, list, watch, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create]
+{{- end }}
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch, list]
