@@ -11,7 +11,7 @@ bnb-4bit QLoRA; on the CPU) it runs, interleaved (project, plain, project withou
 project, plain, ...; each a fresh process):
 
 - project: `finetune_trainer.main.main` as `python -m finetune_trainer` runs it in the pod, on the
-  TrainerConfig the operator writes into the ConfigMap (builders.build_config_map) with the pod's
+  TrainerConfig the operator gives the pod (builders.trainer_config_yaml) with the pod's
   environment (builders.build_job: status reporting on, to a local stand-in API server), the
   paths given as flags;
 - plain: hack/bench_plain.py, transformers `Trainer` + peft with the same settings (see there);
@@ -181,13 +181,12 @@ def bench_shape() -> Any:
 
 
 def prepare_job(scheme: str, settings: Any, workdir: Path) -> tuple[Path, dict[str, str]]:
-    """The TrainerConfig file the operator would put in the ConfigMap for this scheme, and the
+    """The TrainerConfig file the operator would give the training pod for this scheme, and the
     pod's environment (values only, pod paths left out)."""
     from gpu_check import manifest
 
     from finetune_api.resource import FineTuneJob
-    from finetune_api.trainer_config import CONFIG_KEY
-    from finetune_operator.builders import JobIdentity, build_config_map, build_job
+    from finetune_operator.builders import JobIdentity, build_job, trainer_config_yaml
     from finetune_operator.placement import gpu_requirement
     from finetune_operator.settings import Settings
 
@@ -197,9 +196,8 @@ def prepare_job(scheme: str, settings: Any, workdir: Path) -> tuple[Path, dict[s
     identity = JobIdentity(job.metadata.name or "bench", "default", "bench-uid", 1)
     operator_settings = Settings()
     requirement = gpu_requirement(job.spec, operator_settings)
-    config_map = build_config_map(identity, job.spec, requirement)
     path = workdir / f"trainer-config-{scheme}.yaml"
-    path.write_text(config_map.data[CONFIG_KEY], encoding="utf-8")
+    path.write_text(trainer_config_yaml(identity, job.spec, requirement), encoding="utf-8")
     pod = build_job(identity, job.spec, requirement, operator_settings)
     container = pod.spec.template.spec.containers[0]
     env = {

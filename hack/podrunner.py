@@ -256,6 +256,9 @@ class LocalRuntime:
                 (target / key).chmod(0o644)
         elif volume.projected is not None:
             self._project(pod, volume.projected, target)
+        elif volume.downward_api is not None:
+            for item in volume.downward_api.items or []:
+                (target / item.path).write_text(_field(pod, item.field_ref.field_path))
         elif volume.persistent_volume_claim is not None:
             claim = self.core.read_namespaced_persistent_volume_claim(
                 volume.persistent_volume_claim.claim_name, namespace
@@ -293,11 +296,7 @@ class LocalRuntime:
                     files[item.path] = (data or {})[item.key].encode()
             elif source.downward_api is not None:
                 for item in source.downward_api.items or []:
-                    value = {
-                        "metadata.name": pod.metadata.name,
-                        "metadata.namespace": namespace,
-                    }[item.field_ref.field_path]
-                    files[item.path] = value.encode()
+                    files[item.path] = _field(pod, item.field_ref.field_path).encode()
         for path, content in files.items():
             (target / path).parent.mkdir(parents=True, exist_ok=True)
             (target / path).write_bytes(content)

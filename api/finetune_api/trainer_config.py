@@ -1,7 +1,7 @@
 """The contract between the operator and the trainer.
 
-The operator resolves a FineTuneJob into a `TrainerConfig` (ConfigMap key `config.yaml`, mounted
-at CONFIG_MOUNT in the training pod). The trainer also accepts a plain FineTuneJob manifest and
+The operator resolves a FineTuneJob into a `TrainerConfig` (file `config.yaml` at CONFIG_MOUNT in
+the training pod: a downward API volume of the pod's `finetune.dev/trainer-config` annotation). The trainer also accepts a plain FineTuneJob manifest and
 builds the same object itself, with local paths from its command-line flags.
 
 The trainer tells the outcome through its termination message (a `TrainerOutcome` JSON object at

@@ -16,18 +16,19 @@ from kubernetes.client import (
     V1Affinity,
     V1Capabilities,
     V1CELDeviceSelector,
-    V1ConfigMap,
-    V1ConfigMapVolumeSource,
     V1Container,
     V1DeviceClaim,
     V1DeviceRequest,
     V1DeviceSelector,
+    V1DownwardAPIVolumeFile,
+    V1DownwardAPIVolumeSource,
     V1EmptyDirVolumeSource,
     V1EnvVar,
     V1EnvVarSource,
     V1ExactDeviceRequest,
     V1Job,
     V1JobSpec,
+    V1ObjectFieldSelector,
     V1ObjectMeta,
     V1OwnerReference,
     V1PersistentVolumeClaimVolumeSource,
@@ -70,6 +71,8 @@ from finetune_operator.settings import Settings
 LABEL_UID = f"{GROUP}/job-uid"
 LABEL_NAME = f"{GROUP}/job-name"
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
+# The trainer's config (YAML), on the training pods: a downward API volume makes it a file.
+ANNOTATION_CONFIG = f"{GROUP}/trainer-config"
 TRAINER_UID = 65532
 TRAINER_CONTAINER = "trainer"
 CACHE_DIR = "/cache"
@@ -114,10 +117,6 @@ def child_name(name: str, suffix: str) -> str:
 
 def job_name(name: str) -> str:
     return child_name(name, TRAINER_JOB_SUFFIX)
-
-
-def config_map_name(name: str) -> str:
-    return child_name(name, "config")
 
 
 def claim_template_name(name: str) -> str:
@@ -204,28 +203,32 @@ def trainer_config(
 SAFE_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
-def build_config_map(
+def trainer_config_yaml(
     job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
-) -> V1ConfigMap:
+) -> str:
+    """The trainer's config file: the pod template carries it in an annotation, and a downward
+    API volume shows it to the trainer as a file (no ConfigMap: one create fewer per job)."""
     config = trainer_config(job, spec, requirement)
-    text = yaml.dump(
+    return yaml.dump(
         config.model_dump(mode="json", by_alias=True, exclude_none=True),
         Dumper=SAFE_DUMPER,
         sort_keys=False,
     )
-    return V1ConfigMap(
-        metadata=_metadata(job, config_map_name(job.name)), data={tc.CONFIG_KEY: text}
-    )
 
 
-def _volumes(spec: FineTuneJobSpec, config_map: str) -> tuple[list[V1Volume], list[V1VolumeMount]]:
-    """ConfigMap, one volume per distinct claim (read-only unless written), and emptyDirs for the
-    paths a read-only root filesystem still needs writable."""
+def _volumes(spec: FineTuneJobSpec) -> tuple[list[V1Volume], list[V1VolumeMount]]:
+    """The trainer config (from the pod's annotation), one volume per distinct claim (read-only
+    unless written), and emptyDirs for the paths a read-only root filesystem still needs
+    writable."""
     writable = {spec.output.claim_name}
     claims = [spec.dataset.claim_name, spec.output.claim_name]
     if spec.model.volume is not None:
         claims.insert(0, spec.model.volume.claim_name)
-    volumes = [V1Volume(name="config", config_map=V1ConfigMapVolumeSource(name=config_map))]
+    config = V1DownwardAPIVolumeFile(
+        path=tc.CONFIG_KEY,
+        field_ref=V1ObjectFieldSelector(field_path=f"metadata.annotations['{ANNOTATION_CONFIG}']"),
+    )
+    volumes = [V1Volume(name="config", downward_api=V1DownwardAPIVolumeSource(items=[config]))]
     mounts = [V1VolumeMount(name="config", mount_path=tc.CONFIG_MOUNT, read_only=True)]
     for index, claim in enumerate(dict.fromkeys(claims)):
         read_only = claim not in writable
@@ -383,7 +386,7 @@ def build_job(
     pods under the headless workers Service; restricted Pod Security, placed by GPU affinity
     (device plugin) or by the allocation of each pod's ResourceClaim (DRA)."""
     nodes = spec.resources.nodes
-    volumes, mounts = _volumes(spec, config_map_name(job.name))
+    volumes, mounts = _volumes(spec)
     container = V1Container(
         name=TRAINER_CONTAINER,
         image=spec.image or settings.trainer_image,
@@ -431,7 +434,13 @@ def build_job(
         volumes=volumes,
         subdomain=workers_service_name(job.name) if nodes > 1 else None,
     )
-    template_meta = V1ObjectMeta(labels=labels(job), annotations={LABEL_NAME: job.name})
+    template_meta = V1ObjectMeta(
+        labels=labels(job),
+        annotations={
+            LABEL_NAME: job.name,
+            ANNOTATION_CONFIG: trainer_config_yaml(job, spec, requirement),
+        },
+    )
     metadata = _metadata(job, job_name(job.name), {ANNOTATION_SPEC_HASH: spec_hash(spec)})
     metadata.labels = {**metadata.labels, **job.kueue_labels()}
     return V1Job(

@@ -12,7 +12,7 @@ PERMANENT_STATUSES = frozenset({400, 422})
 
 
 def child_kind(obj: Any) -> str:
-    """The Kind of a kubernetes.client object: V1ConfigMap -> ConfigMap."""
+    """The Kind of a kubernetes.client object: V1Job -> Job."""
     return str(getattr(obj, "kind", None) or type(obj).__name__.removeprefix("V1"))
 
 

@@ -273,7 +273,6 @@ async def _refresh_later(namespace: str, name: str) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
-@kopf.on.event("", "v1", "configmaps", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "services", labels=CHILD_LABELS)
 async def child_changed(
     body: kopf.Body, event: kopf.RawEvent, resource: kopf.Resource, **kwargs: Any

@@ -87,7 +87,6 @@ class Kube:
 
     def _creator(self, obj: Any) -> Any:
         creators = {
-            "V1ConfigMap": self.core.create_namespaced_config_map,
             "V1Service": self.core.create_namespaced_service,
             "V1ServiceAccount": self.core.create_namespaced_service_account,
             "V1Role": self.rbac.create_namespaced_role,
@@ -111,7 +110,6 @@ class Kube:
     def delete(self, obj: Any) -> None:
         """Delete a child created moments ago (rollback), its dependents in the background."""
         deleters = {
-            "V1ConfigMap": self.core.delete_namespaced_config_map,
             "V1Service": self.core.delete_namespaced_service,
             "V1Job": self.batch.delete_namespaced_job,
             "V1ResourceClaimTemplate": self.resource.delete_namespaced_resource_claim_template,

@@ -55,13 +55,12 @@ log = logging.getLogger(__name__)
 # Children are created concurrently, each as soon as what it needs exists: binding a Role needs
 # the Role (the API server checks that the operator holds what the binding grants), and the Job's
 # pods need their ServiceAccount (a pod naming one that does not exist is refused, and the Job
-# controller backs off) and, with DRA, the ResourceClaimTemplate. The Job also waits for the
-# ConfigMap, sent at the same time as the ServiceAccount (no round trip more): a child refused at
-# once (a policy, a quota) then stops the pass before there is a Job, whose pod would be made only
-# to be deleted again, on every retry. (The ServiceAccount, Role and RoleBinding are the
-# namespace's trainer identity, made by the first pass in a namespace: trainer_identity.py.)
+# controller backs off) and, with DRA, the ResourceClaimTemplate. (The ServiceAccount, Role and
+# RoleBinding are the namespace's trainer identity, made by the first pass in a namespace:
+# trainer_identity.py. The trainer's config travels in the Job's pod template.) Most jobs have
+# the Job alone to create.
 NEEDS = {
-    "Job": ("ServiceAccount", "ResourceClaimTemplate", "ConfigMap"),
+    "Job": ("ServiceAccount", "ResourceClaimTemplate"),
     "RoleBinding": ("Role",),
 }
 _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="children")
@@ -298,7 +297,6 @@ class Reconciler:
         the rest are built."""
         if self.settings.status_reporting and job.namespace not in self._identities:
             yield from trainer_identity.build_identity(job.namespace)
-        yield builders.build_config_map(job, spec, requirement)
         if spec.resources.nodes > 1:
             yield builders.build_workers_service(job)
         if self.settings.dra:
@@ -309,8 +307,9 @@ class Reconciler:
         self, job: JobIdentity, spec: FineTuneJobSpec, requirement: GpuRequirement
     ) -> tuple[ChildFailure | None, bool]:
         """Create the missing children, all or none: concurrently, each as soon as it is built
-        and what it NEEDS exists (the Job after one round trip: the ServiceAccount, the Role and
-        the ConfigMap go together). What a pass created is deleted again if a child is refused.
+        and what it NEEDS exists (in a namespace's first job, the Job after one round trip: its
+        ServiceAccount and Role go together). What a pass created is deleted again if a child is
+        refused (but the namespace's trainer identity, which other jobs share).
         Returns the refusal, if any, and whether the Job was created."""
         present: set[str] = set()
         waiting: list[Any] = []

@@ -16,13 +16,12 @@ from finetune_operator.builders import LABEL_UID
 from finetune_operator.trainer_identity import IDENTITY_LABELS
 
 # The kinds the operator makes for a FineTuneJob and watches (group, version, plural): the API
-# server sends only the objects labelled as ours, so a cluster's other pods, Jobs, ConfigMaps,
+# server sends only the objects labelled as ours, so a cluster's other pods, Jobs, Services,
 # ServiceAccounts and RBAC cost the operator nothing (kopf would otherwise receive them all and
 # drop them on its side).
 CHILD_KINDS = (
     ("batch", "v1", "jobs"),
     ("", "v1", "pods"),
-    ("", "v1", "configmaps"),
     ("", "v1", "services"),
     ("resource.k8s.io", "v1", "resourceclaimtemplates"),
 )

@@ -1,11 +1,12 @@
 """End to end on the real node: kubectl apply -> operator -> kube-scheduler -> the kubelet runs the
 trainer image in containerd, and it trains.
 
-The training pod is the operator's, unchanged: the trainer reads the operator's ConfigMap, the
-PersistentVolumes and its projected service-account token inside a real container (UID 65532,
-read-only root filesystem, restricted namespace), reports progress as its namespace's trainer account, and
-writes its one-line failure to the container's termination message. `kubectl delete pod` is the
-kubelet's SIGTERM to the container. Needs root and the images (hack/images.sh).
+The training pod is the operator's, unchanged: the trainer reads the config the operator put in
+its pod (a downward API volume), the PersistentVolumes and its projected service-account token
+inside a real container (UID 65532, read-only root filesystem, restricted namespace), reports
+progress as its namespace's trainer account, and writes its one-line failure to the container's
+termination message. `kubectl delete pod` is the kubelet's SIGTERM to the container. Needs root
+and the images (hack/images.sh).
 """
 
 from __future__ import annotations

@@ -55,7 +55,6 @@ def children(ns: Namespace, uid: str | None) -> list[str]:
     selector = f"finetune.dev/job-uid={uid}"
     listers = {
         "Job": ns.cluster.batch.list_namespaced_job,
-        "ConfigMap": core.list_namespaced_config_map,
         "ServiceAccount": core.list_namespaced_service_account,
         "Role": rbac.list_namespaced_role,
         "RoleBinding": rbac.list_namespaced_role_binding,
@@ -122,7 +121,7 @@ def test_child_refused_by_the_clusters_admission_is_reported_once_and_leaves_not
         what="a Warning Event naming the Job",
     )  # fmt: skip
     uid = namespace.ftj("img")["metadata"]["uid"]
-    assert children(namespace, uid) == []  # not half-created: no ConfigMap, no RBAC
+    assert children(namespace, uid) == []  # no Job
     # Not retried: kopf was told it is permanent; nothing changes over the next seconds.
     before = status(namespace, "img")
     time.sleep(5)
@@ -170,11 +169,11 @@ def test_deleted_children_are_made_again_within_seconds(namespace: Namespace) ->
     before = children(namespace, uid)
     identity = ["Role/finetune-trainer", "RoleBinding/finetune-trainer",
                 "ServiceAccount/finetune-trainer"]  # fmt: skip
-    assert before == ["ConfigMap/heal-config", "Job/heal-train"]
+    assert before == ["Job/heal-train"]
     assert children(namespace, None) == identity
     old_job = namespace.jobs()[0].metadata.uid
-    for kind, name in (("job", "heal-train"), ("configmap", "heal-config"),
-                       ("role", "finetune-trainer"), ("serviceaccount", "finetune-trainer")):  # fmt: skip
+    for kind, name in (("job", "heal-train"), ("role", "finetune-trainer"),
+                       ("serviceaccount", "finetune-trainer")):  # fmt: skip
         namespace.cluster.kubectl("delete", kind, name, "-n", namespace.name, "--wait=false")
     wait_for(
         lambda: (
@@ -289,7 +288,9 @@ def largest_spec() -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_the_largest_spec_fits_kopfs_annotation_and_the_config_map(namespace: Namespace) -> None:
+def test_the_largest_spec_fits_the_pod_templates_annotation(namespace: Namespace) -> None:
+    """The trainer's config (the whole spec) travels in an annotation of the Job's pod template
+    (all annotations together: 256 KiB)."""
     manifest = {**ftj_manifest("big"), "spec": largest_spec()}
     assert len(json.dumps(manifest)) > 75_000
     result = apply_server_side(namespace, manifest)
@@ -299,5 +300,5 @@ def test_the_largest_spec_fits_kopfs_annotation_and_the_config_map(namespace: Na
         what="Suspended",
         describe=lambda: status(namespace, "big"),
     )
-    config = namespace.cluster.core.read_namespaced_config_map("big-config", namespace.name)
-    assert "m" * 4096 in next(iter(config.data.values()))
+    (job,) = namespace.jobs()
+    assert "m" * 4096 in job.spec.template.metadata.annotations["finetune.dev/trainer-config"]

@@ -272,9 +272,6 @@ def test_spec_change_after_start_is_reported_not_applied(namespace: Namespace) -
     assert namespace.apply(ftj_manifest("steady", scheme_training("bnb-4bit"))).returncode == 0
     wait_for(lambda: phase(namespace, "steady") == "Running", timeout=60, what="Running")
     job_before = namespace.jobs()[0]
-    config_before = namespace.cluster.core.read_namespaced_config_map(
-        "steady-config", namespace.name
-    ).data
     assert (
         namespace.apply(
             ftj_manifest("steady", {**scheme_training("bnb-4bit"), "lora_r": 8})
@@ -296,10 +293,9 @@ def test_spec_change_after_start_is_reported_not_applied(namespace: Namespace) -
     assert not [k for k in annotations if k.startswith("finetune.dev/")], annotations
     job_after = namespace.jobs()[0]
     assert job_after.metadata.uid == job_before.metadata.uid
-    assert (
-        namespace.cluster.core.read_namespaced_config_map("steady-config", namespace.name).data
-        == config_before
-    )
+    assert job_after.spec.template.metadata.annotations == (
+        job_before.spec.template.metadata.annotations
+    )  # the trainer's config with it
     assert phase(namespace, "steady") == "Running"
 
 
@@ -312,10 +308,7 @@ def test_children_are_owned_and_deleted_with_the_job(namespace: Namespace) -> No
     # No finalizer: deleting a FineTuneJob never waits for the operator (owner references do the
     # clean-up), so an uninstalled operator leaves no undeletable objects behind.
     assert not namespace.ftj("owned")["metadata"].get("finalizers")
-    children = [
-        namespace.jobs()[0],
-        core.read_namespaced_config_map("owned-config", namespace.name),
-    ]
+    children = [namespace.jobs()[0]]
     for child in children:
         (owner,) = child.metadata.owner_references
         assert (owner.kind, owner.uid, owner.controller) == ("FineTuneJob", uid, True)
@@ -338,9 +331,6 @@ def test_children_are_owned_and_deleted_with_the_job(namespace: Namespace) -> No
         return (
             not namespace.jobs()
             and not core.list_namespaced_pod(
-                namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
-            ).items
-            and not core.list_namespaced_config_map(
                 namespace.name, label_selector=f"finetune.dev/job-uid={uid}"
             ).items
         )

@@ -319,7 +319,7 @@ def test_operator_gpu_pod_shape_schedules_and_gets_the_device(
     node_cluster: Cluster, ns: str
 ) -> None:
     """The operator's own pod template (builders.build_job), with the probe as its image and
-    without the claims and ConfigMap this test has not made: affinity on GFD labels, the GPU
+    without the claims this test has not made (and the trainer's config): affinity on GFD labels, the GPU
     toleration and nvidia.com/gpu limit, its security context and emptyDirs are the operator's."""
     spec = FineTuneJobSpec.model_validate({
         "dataset": {"claimName": "data", "path": "train.jsonl"},

@@ -194,10 +194,13 @@ def test_spec_hash_ignores_suspend_only() -> None:
     assert builders.spec_hash(spec()) != builders.spec_hash(spec(training={"lora_r": 8}))
 
 
-def test_config_map_holds_the_resolved_trainer_config() -> None:
+def test_the_pod_carries_the_resolved_trainer_config() -> None:
+    """No ConfigMap: the pod template's annotation holds the config, and a downward API volume
+    makes it the file the trainer's --job names."""
     s = spec(model={"volume": {"claimName": "models", "path": "./llama//3b"}})
-    cm = builders.build_config_map(JOB, s, gpu_requirement(s, Settings()))
-    config = TrainerConfig.model_validate(yaml.safe_load(cm.data["config.yaml"]))
+    template = builders.build_job(JOB, s, gpu_requirement(s, Settings()), Settings()).spec.template
+    text = template.metadata.annotations["finetune.dev/trainer-config"]
+    config = TrainerConfig.model_validate(yaml.safe_load(text))
     assert config.spec == s
     assert config.paths.model == "/mnt/pvc/models/llama/3b"
     assert config.paths.dataset == "/mnt/pvc/data/sets/train.jsonl"
@@ -205,6 +208,12 @@ def test_config_map_holds_the_resolved_trainer_config() -> None:
     assert config.min_compute_capability == "8.0"
     assert config.adapter_uri == "pvc://adapters/llama-sft"
     assert config.job is not None and config.job.uid == "0000-1111"
+    (volume,) = [v for v in template.spec.volumes if v.name == "config"]
+    (item,) = volume.downward_api.items
+    assert item.field_ref.field_path == "metadata.annotations['finetune.dev/trainer-config']"
+    container = template.spec.containers[0]
+    (mount,) = [m for m in container.volume_mounts if m.name == "config"]
+    assert mount.read_only and container.args == ["--job", f"{mount.mount_path}/{item.path}"]
 
 
 @pytest.mark.parametrize("reporting", [True, False])

@@ -292,30 +292,29 @@ def test_a_refused_job_leaves_no_child_behind() -> None:
     failure = rec.reconcile(body())
     assert failure is not None and failure.permanent
     assert failure.describe() == "Job j-train refused: Job refused: field x is bad"
-    # The ConfigMap is deleted again; the namespace's trainer identity is shared, and stays.
+    # The namespace's trainer identity is shared by its jobs: it stays.
     assert sorted(kube.objects) == IDENTITY
-    assert [kind for call, kind in kube.calls if call == "delete"] == ["ConfigMap"]
+    assert [kind for call, kind in kube.calls if call == "delete"] == []
     assert kube.status is not None and kube.status["phase"] == "Failed"
     assert ("Warning", "ChildRejected", failure.describe()) in events
 
 
 def test_a_child_refused_in_the_first_round_stops_the_pass_before_the_job() -> None:
-    """The ConfigMap is refused (a quota), and its answer comes last: the Job waits for it."""
-    kube = FakeKube(refuse={"ConfigMap": 403})
+    """The ServiceAccount is refused (a quota), and its answer comes last: the Job waits for it."""
+    kube = FakeKube(refuse={"ServiceAccount": 403})
     real_create = kube.create_if_missing
 
     def create(obj: Any) -> bool:
-        if type(obj).__name__ == "V1ConfigMap":
-            time.sleep(0.3)  # the ServiceAccount is long answered
+        if type(obj).__name__ == "V1ServiceAccount":
+            time.sleep(0.3)  # the Role is long answered
         return real_create(obj)
 
     kube.create_if_missing = create  # type: ignore[method-assign]
     rec, _ = reconciler(kube)
     failure = rec.reconcile(body())
     assert failure is not None and not failure.permanent
-    assert set(kube.objects) <= set(IDENTITY)  # what was made meanwhile is undone, but the
-    # namespace's trainer identity (shared)
-    assert ("create", "Job") not in kube.calls  # the Job waits for the ConfigMap's answer
+    assert set(kube.objects) <= set(IDENTITY)  # no Job; the identity's other parts stay (shared)
+    assert ("create", "Job") not in kube.calls  # the Job waits for the ServiceAccount's answer
     assert kube.status is not None and kube.status["phase"] == "Pending"
 
 
@@ -323,7 +322,7 @@ def test_missing_children_are_made_again_but_never_for_a_finished_job() -> None:
     kube = FakeKube()
     rec, _ = reconciler(kube)
     assert rec.reconcile(body()) is None
-    assert len(kube.objects) == 5
+    assert len(kube.objects) == 4  # the Job and the namespace's trainer identity
     del kube.objects[("Job", "j-train")]
     assert rec.reconcile(body()) is None
     assert ("Job", "j-train") in kube.objects
@@ -341,13 +340,15 @@ def test_deletions_of_a_rolled_back_pass_do_not_retry_at_event_speed() -> None:
     (that would loop as fast as events arrive). kopf's retry and a spec change still do."""
     kube = FakeKube(refuse={"Job": 403})
     rec, _ = reconciler(kube)
-    assert rec.reconcile(body()) is not None
+    two_nodes = body()
+    two_nodes["spec"]["resources"] = {"nodes": 2}  # a headless Service for the workers too
+    assert rec.reconcile(two_nodes) is not None
     assert kube.status is not None
     # Each undone child is recognised once, by its DELETED event; other deletions are not.
-    assert rec.undone("ConfigMap", "ns", "j-config")
-    assert not rec.undone("ConfigMap", "ns", "j-config")
+    assert rec.undone("Service", "ns", "j-workers")
+    assert not rec.undone("Service", "ns", "j-workers")
     assert not rec.undone("ServiceAccount", "ns", "finetune-trainer")  # shared, never undone
-    assert not rec.undone("ConfigMap", "ns", "other")
+    assert not rec.undone("Service", "ns", "other")
     refused = body(kube.status)
     kube.get_finetunejob = lambda namespace, name: refused  # type: ignore[attr-defined]
     kube.calls.clear()
@@ -454,7 +455,7 @@ def test_the_role_binding_and_the_job_come_after_what_they_need() -> None:
     rec, _ = reconciler(kube)
     assert rec.reconcile(body()) is None
     creates = [kind for call, kind in kube.calls if call == "create"]
-    assert sorted(creates) == ["ConfigMap", "Job", "Role", "RoleBinding", "ServiceAccount"]
+    assert sorted(creates) == ["Job", "Role", "RoleBinding", "ServiceAccount"]
     assert creates.index("Job") > creates.index("ServiceAccount")
     assert creates.index("RoleBinding") > creates.index("Role")
 
@@ -466,7 +467,7 @@ def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
     assert failure is not None and failure.kind == "ServiceAccount"
     assert ("create", "Job") not in kube.calls
     assert set(kube.objects) <= {("Role", "finetune-trainer"), ("RoleBinding", "finetune-trainer")}
-    # (the ConfigMap made meanwhile deleted again); the next pass tries the identity again
+    # (no Job); the next pass tries the identity again
     kube.refuse.clear()
     kube.calls.clear()
     assert rec.reconcile(body()) is None
@@ -475,7 +476,7 @@ def test_a_refused_service_account_stops_the_job_and_undoes_the_rest() -> None:
 
 def test_the_trainer_identity_is_made_once_per_namespace() -> None:
     """The first job of a namespace makes its trainer identity; the next ones only their
-    ConfigMap and Job. Each pod runs as the namespace's account."""
+    Job. Each pod runs as the namespace's account."""
     kube = FakeKube()
     rec, _ = reconciler(kube)
     assert rec.reconcile(body()) is None
@@ -483,7 +484,7 @@ def test_the_trainer_identity_is_made_once_per_namespace() -> None:
     second = body()
     second["metadata"].update(name="k", uid="u2")
     assert rec.reconcile(second) is None
-    assert [kind for call, kind in kube.calls if call == "create"] == ["ConfigMap", "Job"]
+    assert [kind for call, kind in kube.calls if call == "create"] == ["Job"]
     assert kube.objects[("Job", "k-train")].spec.template.spec.service_account_name == (
         "finetune-trainer"
     )
@@ -703,13 +704,13 @@ def test_changes_while_a_refresh_waits_for_a_thread_are_served_by_it(
 def test_the_first_create_is_on_its_way_while_the_rest_are_built(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The ServiceAccount (what the Job waits for) is sent before the ConfigMap, the costliest
-    child to build, is built; the Job still comes last."""
+    """The ServiceAccount (what the Job waits for) is sent before the Job, the costliest child to
+    build, is built; the Job still comes last."""
     from finetune_operator import builders
 
     kube = FakeKube()
     sent = threading.Event()
-    real_create, real_build = kube.create_if_missing, builders.build_config_map
+    real_create, real_build = kube.create_if_missing, builders.build_job
 
     def create(obj: Any) -> bool:
         sent.set()
@@ -717,12 +718,12 @@ def test_the_first_create_is_on_its_way_while_the_rest_are_built(
 
     seen_at_build: list[bool] = []
 
-    def build_config_map(*args: Any) -> Any:
+    def build_job(*args: Any) -> Any:
         seen_at_build.append(sent.wait(5))
         return real_build(*args)
 
     monkeypatch.setattr(kube, "create_if_missing", create)
-    monkeypatch.setattr(builders, "build_config_map", build_config_map)
+    monkeypatch.setattr(builders, "build_job", build_job)
     rec, _ = reconciler(kube)
     assert rec.reconcile(body()) is None
     assert seen_at_build == [True]

@@ -1,5 +1,5 @@
 """Kubernetes-side fields are bounded as Kubernetes judges them in the children (issue 14): a spec
-the model accepts never makes the API server refuse the Job, ConfigMap or RBAC objects built from
+the model accepts never makes the API server refuse the Job (or another child) built from
 it. Each case was a spec that got no status and was retried forever before the bounds."""
 
 from __future__ import annotations
@@ -168,9 +168,10 @@ def _worst_case_size(node: dict[str, Any]) -> int:
     return 32  # numbers and booleans
 
 
-def test_every_spec_fits_kopfs_annotation_and_a_config_map() -> None:
-    """kopf keeps the last handled spec in an annotation (all annotations together: 256 KiB), and
-    the trainer's ConfigMap carries the spec (1 MiB): the schema bounds every string, list and map
-    so that even the largest spec fits both."""
+def test_every_spec_fits_the_annotations_of_a_pod_template() -> None:
+    """The trainer's config (the whole spec, and a few paths) travels in an annotation of the
+    Job's pod template (all annotations together: 256 KiB), and `kubectl apply` keeps the spec in
+    one of the FineTuneJob's: the schema bounds every string, list and map so that even the
+    largest spec fits."""
     spec = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert _worst_case_size(spec) < 200 * 1024

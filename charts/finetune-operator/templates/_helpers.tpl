@@ -68,7 +68,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   resources: [pods]
   verbs: [get, list, watch]
 - apiGroups: [""]
-  resources: [configmaps, services]
+  resources: [services]
   verbs: [get, list, watch, create, delete]
 {{- if .Values.trainer.statusReporting }}
 # The namespace's trainer identity (the finetune-trainer ServiceAccount, Role and RoleBinding),
