@@ -97,11 +97,10 @@ def _unchanged(field: str) -> str:
 
 def _owned_fields() -> list[str]:
     """The status fields the operator owns: all but the trainer's progress."""
-    fields = FineTuneJobStatus.model_fields
     return [
         info.alias or name
-        for name, info in fields.items()
-        if (info.alias or name) != "progress" and name != "progress"
+        for name, info in FineTuneJobStatus.model_fields.items()
+        if name != "progress"
     ]
 
 
