@@ -183,10 +183,10 @@ def _keep_trainer_policy() -> None:
             trainer_identity.build_policy(), trainer_identity.build_policy_binding()
         )
     except ApiException as exc:
-        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 429:
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
             raise kopf.PermanentError(
                 f"cannot keep the ValidatingAdmissionPolicy {trainer_identity.POLICY} "
-                f"({api_message(exc)}); grant the operator create, get and update on "
+                f"({api_message(exc)}); grant the operator create and patch on "
                 "validatingadmissionpolicies and their bindings, or run it with "
                 "--status-reporting=false"
             ) from exc

@@ -13,6 +13,8 @@ from finetune_operator import dra, kueue
 from finetune_operator.dra import GpuDevice
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+FIELD_MANAGER = "finetune-operator"
 # Requests return the API server's JSON as is: building the client's model classes (each one
 # deep-copies the client configuration) cost more CPU than everything else the operator does.
 RAW = {"_preload_content": False}
@@ -132,31 +134,24 @@ class Kube:
         policy: client.V1ValidatingAdmissionPolicy,
         binding: client.V1ValidatingAdmissionPolicyBinding,
     ) -> None:
-        """Create the policy and its binding, or replace the ones there (an upgrade may have
-        changed them): at start-up, four calls at most."""
+        """Server-side apply of the policy and its binding as the operator's field manager: made
+        or brought up to date (an upgrade may change them) in one call each, whatever another
+        replica or the API server (the policy's status) wrote meanwhile."""
         admission = client.AdmissionregistrationV1Api(self.api)
-        for obj, create, read, replace in (
-            (
-                policy,
-                admission.create_validating_admission_policy,
-                admission.read_validating_admission_policy,
-                admission.replace_validating_admission_policy,
-            ),
-            (
-                binding,
-                admission.create_validating_admission_policy_binding,
-                admission.read_validating_admission_policy_binding,
-                admission.replace_validating_admission_policy_binding,
-            ),
+        for obj, apply in (
+            (policy, admission.patch_validating_admission_policy),
+            (binding, admission.patch_validating_admission_policy_binding),
         ):
-            try:
-                _drain(create(obj, **RAW))
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise
-                found = _json(read(obj.metadata.name, **RAW))
-                obj.metadata.resource_version = found["metadata"]["resourceVersion"]
-                _drain(replace(obj.metadata.name, obj, **RAW))
+            _drain(
+                apply(
+                    obj.metadata.name,
+                    obj,
+                    field_manager=FIELD_MANAGER,
+                    force=True,
+                    _content_type=APPLY_PATCH,
+                    **RAW,
+                )
+            )
 
     def job_warnings(self, namespace: str) -> dict[str, list[tuple[str, str, str]]]:
         """Warning Events about the namespace's Jobs (e.g. FailedCreate), by Job name, oldest

@@ -123,6 +123,8 @@ def build_policy() -> V1ValidatingAdmissionPolicy:
         "' is not a training pod of ' + request.name)"
     )
     return V1ValidatingAdmissionPolicy(
+        api_version="admissionregistration.k8s.io/v1",
+        kind="ValidatingAdmissionPolicy",
         metadata=V1ObjectMeta(name=POLICY, labels=dict(IDENTITY_LABELS)),
         spec=V1ValidatingAdmissionPolicySpec(
             failure_policy="Fail",
@@ -163,6 +165,8 @@ def build_policy() -> V1ValidatingAdmissionPolicy:
 
 def build_policy_binding() -> V1ValidatingAdmissionPolicyBinding:
     return V1ValidatingAdmissionPolicyBinding(
+        api_version="admissionregistration.k8s.io/v1",
+        kind="ValidatingAdmissionPolicyBinding",
         metadata=V1ObjectMeta(name=POLICY, labels=dict(IDENTITY_LABELS)),
         spec=V1ValidatingAdmissionPolicyBindingSpec(
             policy_name=POLICY, validation_actions=["Deny"]

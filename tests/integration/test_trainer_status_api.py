@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,9 +108,19 @@ def trainer_identity_in(cluster: Cluster, ftj: dict[str, Any]) -> str:
     """The namespace's trainer identity and the admission policy, as the operator makes them."""
     namespace: str = ftj["metadata"]["namespace"]
     kube = Kube(cluster.api)
-    kube.keep_admission_policy(
-        trainer_identity.build_policy(), trainer_identity.build_policy_binding()
-    )
+    # Operators starting together (replicas, or two installs) apply it at once, and again over
+    # the status the API server wrote: each apply succeeds.
+    with ThreadPoolExecutor(4) as pool:
+        applies = [
+            pool.submit(
+                kube.keep_admission_policy,
+                trainer_identity.build_policy(),
+                trainer_identity.build_policy_binding(),
+            )
+            for _ in range(4)
+        ]
+        for done in applies:
+            done.result()
     for part in trainer_identity.build_identity(namespace):
         assert kube.create_if_missing(part)
     cluster.core.create_namespaced_service_account(namespace, {"metadata": {"name": "no-role"}})

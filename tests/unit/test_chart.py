@@ -190,8 +190,8 @@ def test_the_trainer_identity_and_its_policy_only_with_status_reporting() -> Non
         "rolebindings[]": ["create", "get", "list", "watch"],
         "validatingadmissionpolicies[]": ["create"],
         "validatingadmissionpolicybindings[]": ["create"],
-        f"validatingadmissionpolicies{policy}": ["get", "update"],
-        f"validatingadmissionpolicybindings{policy}": ["get", "update"],
+        f"validatingadmissionpolicies{policy}": ["patch"],
+        f"validatingadmissionpolicybindings{policy}": ["patch"],
     }
     assert granted(render(None, "trainer.statusReporting=false")) == {}
 
