@@ -254,9 +254,31 @@ async def stop_ticker(**_: Any) -> None:
     ticker = _state.pop("ticker", None)
     if ticker is not None:
         ticker.cancel()
+    for task in list(_refreshes):
+        task.cancel()
 
 
 _refresh_soon: set[tuple[str, str]] = set()
+# The pending status refreshes, each a small task of its own (a strong reference keeps it alive).
+_refreshes: set[asyncio.Task[None]] = set()
+
+
+def _refresh_apart(namespace: str, name: str) -> None:
+    """Start a job's refresh apart from the kopf worker of the child's event that asked for it:
+    the worker ends at once and frees the pod or Job it holds, where it would wait for the
+    refresh, behind every other pass for a thread in a burst (a thousand workers, each with a
+    whole pod, were most of the operator's peak memory). The task holds two names; it inherits
+    the handler's context, which kopf.event needs to post the status's Events."""
+    _refresh_soon.add((namespace, name))
+    task = asyncio.get_running_loop().create_task(_refresh_later(namespace, name))
+    _refreshes.add(task)
+    task.add_done_callback(_refresh_done)
+
+
+def _refresh_done(task: asyncio.Task[None]) -> None:
+    _refreshes.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("status refresh failed", exc_info=task.exception())
 
 
 async def _refresh_later(namespace: str, name: str) -> None:
@@ -264,8 +286,8 @@ async def _refresh_later(namespace: str, name: str) -> None:
     worker thread (_look): in a busy operator the refresh waits for a thread, and every change
     meanwhile (the Job's pod created, then found unschedulable) is served by it too, with one
     status write instead of one for each."""
-    await asyncio.sleep(REFRESH_DELAY_SECONDS)
     try:
+        await asyncio.sleep(REFRESH_DELAY_SECONDS)
         await asyncio.to_thread(_reconciler().refresh, namespace, name)
     finally:  # a refresh that never looked (the job gone, a failed read) leaves no stale mark
         _refresh_soon.discard((namespace, name))
@@ -293,8 +315,7 @@ async def child_changed(
     if resource.plural == "pods":
         _remember_disruption(namespace, owner, body)
     if resource.plural in ("jobs", "pods") and (namespace, owner) not in _refresh_soon:
-        _refresh_soon.add((namespace, owner))
-        await _refresh_later(namespace, owner)
+        _refresh_apart(namespace, owner)
 
 
 # A namespace's trainer identity (trainer_identity.py), shared by its jobs: a part deleted is made
