@@ -101,7 +101,11 @@ def test_attention_implementation(tiny_model: TinyModel, attn: str) -> None:
 def checkpointing(model: Any) -> tuple[bool, dict[str, Any] | None]:
     """Whether the base model checkpoints its decoder layers, and the kwargs the checkpoint
     function gets (None: not checkpointed)."""
-    base = model.get_base_model()
+    return checkpointing_of(model.get_base_model())
+
+
+def checkpointing_of(base: Any) -> tuple[bool, dict[str, Any] | None]:
+    """checkpointing() of a transformers model itself (no peft wrapper)."""
     layer = base.model.layers[0]
     func = getattr(layer, "_gradient_checkpointing_func", None)
     on = bool(base.is_activation_checkpointing) and bool(layer.gradient_checkpointing)
@@ -137,10 +141,12 @@ def test_the_base_is_prepared_as_safe_synthesizer_prepares_it(
 ) -> None:
     """Safe Synthesizer's maybe_quantize: a quantized base goes through peft's
     prepare_model_for_kbit_training(use_gradient_checkpointing=True) (its unquantized weights
-    upcast to float32, checkpointing with the kwargs it passes: none); a plain base gets
+    upcast to float32, checkpointing as that function sets it up in the installed peft and
+    transformers: the reference is the same base prepared by peft directly); a plain base gets
     gradient_checkpointing_enable() (transformers' default: non-reentrant), inputs that require
     grad and no KV cache. The base loads in bfloat16, as on a GPU, so the upcast shows."""
     import torch
+    from peft import prepare_model_for_kbit_training
 
     training = {**training, "lora_r": 4, "lora_target_modules": ["q_proj", "v_proj"]}
     job = spec(training)
@@ -151,10 +157,18 @@ def test_the_base_is_prepared_as_safe_synthesizer_prepares_it(
     assert details["kbit_prepared"] is prepared
     on, kwargs = checkpointing(model)
     assert on
-    assert kwargs == ({} if prepared else {"use_reentrant": False})
     inner = model.get_base_model()
     assert inner.config.use_cache is False
-    assert getattr(inner, "_require_grads_hook", None) is not None  # the embeddings' output
+    hooked = getattr(inner, "_require_grads_hook", None) is not None  # the embeddings' output
+    if prepared:
+        reference = prepare_model_for_kbit_training(
+            load_model(source, job, config, BF16_CPU, scheme), use_gradient_checkpointing=True
+        )
+        assert (on, kwargs) == checkpointing_of(reference)
+        assert hooked == (getattr(reference, "_require_grads_hook", None) is not None)
+    else:
+        assert kwargs == {"use_reentrant": False}
+        assert hooked
     norm = inner.model.layers[0].input_layernorm.weight
     assert norm.dtype == (torch.float32 if prepared else torch.bfloat16)
     assert inner.model.embed_tokens.weight.dtype == norm.dtype
