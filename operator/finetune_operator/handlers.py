@@ -250,7 +250,7 @@ def _ensure_ticker() -> None:
 
 
 @kopf.on.cleanup()
-async def stop_ticker(**_: Any) -> None:
+async def stop_background_tasks(**_: Any) -> None:
     ticker = _state.pop("ticker", None)
     if ticker is not None:
         ticker.cancel()

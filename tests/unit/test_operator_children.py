@@ -660,12 +660,10 @@ def test_a_new_snapshot_for_a_worker_thread_is_taken_in_the_event_loop(
     assert (again.job, again.pods) == (first.job, first.pods) == (view, (("u1", pod("Running")),))
 
 
-def _child_event_harness(
-    monkeypatch: pytest.MonkeyPatch, reconciler: Any
-) -> tuple[dict[tuple[str, str], list[tuple[str, PodView]]], Any]:
+def _child_event_harness(monkeypatch: pytest.MonkeyPatch, reconciler: Any) -> Any:
     """handlers.child_changed with empty module state, `reconciler` in place and no refresh
-    delay; returns the pods index and `change(phase)`, which updates the index as kopf does and
-    runs the handler for a pod of job ns/j (to its end)."""
+    delay; returns `change(phase)`, which updates the pods index as kopf does and runs the
+    handler for a pod of job ns/j (to its end)."""
     from finetune_operator import handlers
     from finetune_operator.builders import LABEL_NAME
 
@@ -688,7 +686,7 @@ def _child_event_harness(
         await handlers.child_changed(body, event, pod_resource, **indices)
         await asyncio.sleep(0.05)
 
-    return pods, change
+    return change
 
 
 async def _refreshes_done() -> None:
@@ -715,7 +713,7 @@ def test_changes_while_a_refresh_waits_for_a_thread_are_served_by_it(
             go.wait(10)  # every worker thread is busy
             looked.append(handlers._look(namespace, name))  # as Reconciler._current does
 
-    _pods, change = _child_event_harness(monkeypatch, Waiting())
+    change = _child_event_harness(monkeypatch, Waiting())
 
     async def main() -> None:
         await asyncio.wait_for(change("Pending"), 5)  # returned while its refresh waits
@@ -748,7 +746,7 @@ def test_a_failed_refresh_is_logged_and_the_next_change_gets_one(
             if len(calls) == 1:
                 raise RuntimeError("API server down")
 
-    _pods, change = _child_event_harness(monkeypatch, Failing())
+    change = _child_event_harness(monkeypatch, Failing())
 
     async def main() -> None:
         await change("Pending")
