@@ -93,8 +93,13 @@ def gpu_nodes(name: str | None, labels: Mapping[str, str], **_: Any) -> dict[str
 
 
 def _keep_indices(kwargs: Mapping[str, Any]) -> None:
-    """kopf hands its indices to every handler; keep them for the periodic check's task."""
+    """kopf hands its indices to every handler; keep them for the periodic check's task. The
+    first handler also puts kopf's worker limit in force: kopf runs none before its indices are
+    filled (tuning.WorkerLimit)."""
     if "indices" not in _state:
+        workers = _state.get("workers")
+        if isinstance(workers, tuning.WorkerLimit):
+            workers.in_force = True
         _state["loop"] = asyncio.get_running_loop()
         _state["indices"] = {
             k: kwargs.get(k) for k in ("training_jobs", "training_pods", "gpu_nodes")
@@ -161,6 +166,7 @@ def _post_event(body: Mapping[str, Any], type_: str, reason: str, message: str) 
 def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     ours: Settings = _state["settings"]
     _state["specs"] = tuning.tune(settings, None if ours.dra else ours.labels.compute_major)
+    _state["workers"] = settings.queueing.worker_limit
     if ours.status_reporting:
         _keep_trainer_policy()
     if ours.webhook:

@@ -33,11 +33,40 @@ IDENTITY_KINDS = (
 )
 # How long an object's worker waits for its next event before it ends (kopf's default: 5 s). A
 # job's events come seconds apart; a worker kept meanwhile holds its last event's body.
-# (kopf's `queueing.worker_limit` must stay unset: with indices, each worker of the first listing
-# waits until every object is indexed, so more objects than the limit never start: a deadlock
-# seen with 1,000 nodes.)
 WORKER_IDLE_SECONDS = 0.1
 HANDLER_THREADS = 8
+# Object workers running at once per watch stream (kind, namespace), once the operator is indexed
+# (WorkerLimit). In a burst, kopf starts a worker for every object with an event; each one waiting
+# for a thread held some 42 KB (the parsed event and kopf's processing of it), where an event
+# waiting for a worker holds its parsed object alone.
+WORKER_LIMIT = 32
+
+
+class WorkerLimit:
+    """kopf's `queueing.worker_limit`, in force only once the operator is indexed.
+
+    kopf bounds each watch stream's running workers with it, but also during the first listing,
+    where with indices every worker waits until all objects are indexed: with more objects of
+    one kind than the limit the rest never start, and the operator handles nothing (seen with
+    1,000 GPU nodes). kopf runs no handler before its indices are filled, so the handlers put
+    the limit in force (`in_force`) when the first of them runs; before that, no limit.
+
+    kopf's scheduler tests `running < limit`, which Python answers with this object's `__gt__`.
+    (A watch stream that starts after that, for a namespace that starts to match with more of
+    our Jobs or pods than the limit, would meet the same wait; a new namespace has none.)
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_force = False
+
+    def __gt__(self, running: object) -> bool:
+        if not isinstance(running, int):
+            return NotImplemented
+        return not self.in_force or running < self.limit
+
+    def __repr__(self) -> str:
+        return f"WorkerLimit({self.limit}, in_force={self.in_force})"
 
 
 class SpecMemory(kopf.DiffBaseStorage):
@@ -114,6 +143,7 @@ def tune(settings: kopf.OperatorSettings, gpu_label: str | None = None) -> SpecM
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = HANDLER_THREADS
     settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
+    settings.queueing.worker_limit = cast(Any, WorkerLimit(WORKER_LIMIT))
     for kind in CHILD_KINDS:
         settings.watching.label_selectors[kind] = LABEL_UID
     identity = ",".join(f"{k}={v}" for k, v in IDENTITY_LABELS.items())

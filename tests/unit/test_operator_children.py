@@ -557,14 +557,67 @@ def test_the_periodic_check_lists_events_once_and_refreshes_only_jobs_with_news(
     assert ("create", "Job") in kube.calls and ("list", "Event") not in kube.calls
 
 
-def test_kopf_runs_every_object_of_a_first_listing_at_once() -> None:
-    """With indices, each of kopf's per-object workers of the first listing waits until every
-    object is indexed; a worker limit below the number of objects (1,000 GPU nodes) never let
-    the rest start, and the operator handled nothing. The limit must stay unset."""
+def _started_by_kopfs_scheduler(limit: Any, put_in_force_after: int | None = None) -> list[int]:
+    """How many of 6 blocked workers kopf's own scheduler had running, after each spawn: the
+    limit is put in force after `put_in_force_after` spawns (never if None)."""
+    from kopf._cogs.aiokits.aiotasks import Scheduler
+
+    async def main() -> list[int]:
+        scheduler = Scheduler(limit=limit)
+        release = asyncio.Event()
+        running: list[int] = []
+        started = 0
+
+        async def worker() -> None:
+            nonlocal started
+            started += 1
+            await release.wait()
+
+        for spawned in range(6):
+            if spawned == put_in_force_after:
+                limit.in_force = True
+            await scheduler.spawn(worker())
+            for _ in range(5):
+                await asyncio.sleep(0)
+            running.append(started)
+        release.set()
+        await scheduler.wait()
+        running.append(started)  # every worker ran in the end
+        await scheduler.close()
+        return running
+
+    return asyncio.run(main())
+
+
+def test_kopfs_worker_limit_holds_only_once_the_operator_is_indexed() -> None:
+    """kopf's first listing runs every object's worker at once (with indices each one waits until
+    every object is indexed: a limit below the number of objects, 1,000 GPU nodes, never let the
+    rest start, and the operator handled nothing); from the first handler on, kopf's own
+    scheduler runs at most the limit at once per watch stream, and the rest wait their turn."""
     settings = kopf.OperatorSettings()
     tuning.tune(settings, "nvidia.com/gpu.compute.major")
-    assert settings.queueing.worker_limit is None
+    limit = settings.queueing.worker_limit
+    assert isinstance(limit, tuning.WorkerLimit) and not limit.in_force
+    assert limit.limit == tuning.WORKER_LIMIT
     assert settings.queueing.idle_timeout < 1
+    assert _started_by_kopfs_scheduler(tuning.WorkerLimit(2)) == [1, 2, 3, 4, 5, 6, 6]
+    assert _started_by_kopfs_scheduler(tuning.WorkerLimit(2), 3) == [1, 2, 3, 3, 3, 3, 6]
+    assert _started_by_kopfs_scheduler(tuning.WorkerLimit(2), 0) == [1, 2, 2, 2, 2, 2, 6]
+
+
+def test_the_first_handler_puts_the_worker_limit_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_operator import handlers
+
+    limit = tuning.WorkerLimit(2)
+    monkeypatch.setattr(handlers, "_state", {"workers": limit})
+    indices = {"training_jobs": {}, "training_pods": {}, "gpu_nodes": {}}
+
+    async def main() -> None:
+        handlers._keep_indices(indices)
+
+    assert not limit.in_force
+    asyncio.run(main())
+    assert limit.in_force
 
 
 def test_the_last_handled_spec_is_kept_in_memory_not_on_the_object() -> None:
