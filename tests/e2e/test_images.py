@@ -128,6 +128,13 @@ def test_operator_image_runs_the_operator(containers: dict[str, str]) -> None:
     assert "--trainer-image" in result.stdout
 
 
+def test_operator_image_runs_on_jemalloc(containers: dict[str, str]) -> None:
+    """The image's allocator is loaded (LD_PRELOAD resolves inside the image, no warning)."""
+    result = run(containers["operator"], "python", "-c", "print(open('/proc/self/maps').read())")
+    assert result.returncode == 0 and "libjemalloc.so.2" in result.stdout, result.stderr
+    assert "cannot be preloaded" not in result.stderr
+
+
 def test_trainer_image_runs_the_trainer(containers: dict[str, str]) -> None:
     result = run(containers["trainer"], "finetune-trainer", "--help")
     assert result.returncode == 0, result.stderr

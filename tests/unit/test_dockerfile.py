@@ -271,6 +271,20 @@ def test_final_stage_environment(target: str) -> None:
     assert env["HOME"] == "/tmp"
 
 
+def test_the_operator_runs_on_jemalloc_as_its_benchmark_runs_it() -> None:
+    """The operator image preloads jemalloc and hands Python's allocations to it; the operator
+    benchmark runs the operator with the same allocator (bench_operator.IMAGE_ALLOCATOR)."""
+    from bench_operator import IMAGE_ALLOCATOR
+
+    env = BY_NAME["operator"].env()
+    assert env["PYTHONMALLOC"] == IMAGE_ALLOCATOR["PYTHONMALLOC"] == "malloc"
+    assert env["LD_PRELOAD"] == f"/usr/local/lib/{IMAGE_ALLOCATOR['LD_PRELOAD']}"
+    installs = [line for line in run_lines("operator") if "apt-get install" in line]
+    assert len(installs) == 1 and "libjemalloc2" in installs[0].split()
+    assert "/usr/local/lib/libjemalloc.so.2" in installs[0]  # the fixed path LD_PRELOAD names
+    assert "LD_PRELOAD" not in BY_NAME["trainer"].env()  # torch brings its own allocators
+
+
 def test_trainer_caches_live_in_the_writable_cache_dir() -> None:
     env = BY_NAME["trainer"].env()
     for key in ("HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
