@@ -84,8 +84,11 @@ def test_preempted_trainer_checkpoints_and_resumes_when_readmitted(
 ) -> None:
     ns = solo.ns
     seed_volumes(ns)
-    steps = 60  # ceil(240 / (2 x 2))
-    assert ns.apply(tiny_queued_job("low", "ftj-low", 240)).returncode == 0
+    # Long enough that the preemption (Kueue, the operator, the kubelet: seconds) lands while the
+    # trainer still trains: at 60 steps a fast machine finished first (steps of ~0.1 s).
+    records = 2400
+    steps = records // (2 * 2)  # batch_size 2, gradient_accumulation_steps 2
+    assert ns.apply(tiny_queued_job("low", "ftj-low", records)).returncode == 0
 
     def progressed() -> bool:
         progress = status(ns, "low").get("progress") or {}
