@@ -307,35 +307,3 @@ def test_launch_config_alone_and_together(tmp_path: Path) -> None:
     assert together.run_id == "uid-1" and together.max_restarts == 2
     assert together.rdzv_configs["is_host"] is True
     assert together.local_addr.endswith(".tiny-workers")
-
-
-# --- SIGTERM during data-parallel training ------------------------------------------------------
-
-
-def test_sigterm_stops_after_the_step_with_a_checkpoint() -> None:
-    """Without a process group the agreement is this process's own note of the signal."""
-    from types import SimpleNamespace
-
-    from transformers import TrainerControl
-
-    from finetune_trainer.training import StopOnSigterm
-
-    before = signal.getsignal(signal.SIGTERM)
-    stop = StopOnSigterm()
-    args = SimpleNamespace(device="cpu")
-    state = SimpleNamespace(global_step=3, max_steps=10)
-    control = TrainerControl()
-    stop.on_train_begin(args, state, control)
-    try:
-        stop.on_step_end(args, state, control)
-        assert not (control.should_save or control.should_training_stop)
-        os.kill(os.getpid(), signal.SIGTERM)  # noted, not raised
-        assert stop.signalled
-        stop.on_step_end(args, state, control)
-        assert control.should_save and control.should_training_stop
-        final = TrainerControl()
-        stop.on_step_end(args, SimpleNamespace(global_step=10, max_steps=10), final)
-        assert not final.should_training_stop  # the last step ends the run anyway
-    finally:
-        stop.on_train_end(args, state, control)
-    assert signal.getsignal(signal.SIGTERM) == before

@@ -44,7 +44,7 @@ The outcome
 SIGTERM (preemption)
     The launcher passes it on to the workers and waits SHUTDOWN_SECONDS for them (then kills
     them). The workers agree after every optimizer step whether any of them was signalled, so all
-    save the same checkpoint and stop at the same step (see training.StopOnSigterm); a retry
+    save the same checkpoint and stop at the same step (see cadence.CheckpointCadence); a retry
     resumes from it.
 """
 

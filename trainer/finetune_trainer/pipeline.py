@@ -16,6 +16,7 @@ from typing import Any
 from finetune_api.trainer_config import TrainerConfig
 from finetune_trainer import checkpoints, data, distributed
 from finetune_trainer.adapters import apply_peft, check_target_modules
+from finetune_trainer.cadence import CheckpointCadence
 from finetune_trainer.distributed import Worker
 from finetune_trainer.errors import InvalidInputError, TrainingInterruptedError
 from finetune_trainer.hardware import Device, check_hardware, check_workers, limit_gpu_memory
@@ -28,12 +29,11 @@ from finetune_trainer.modeling import (
     read_config,
     resolve_model_source,
 )
-from finetune_trainer.plan import Plan, make_plan
+from finetune_trainer.plan import CHECKPOINT_TIME_SHARE, Plan, make_plan
 from finetune_trainer.report import StatusReporter
 from finetune_trainer.summary import RunResult, loaded_facts, save_outputs, summarize
 from finetune_trainer.training import (
     ProgressCallback,
-    StopOnSigterm,
     build_trainer,
     get_training_arguments,
     last_logged,
@@ -114,15 +114,17 @@ def get_trainer(
     config: TrainerConfig, ready: Prepared, model: Any, device: Device, worker: Worker
 ) -> Any:
     """The transformers Trainer over the planned records, with the progress callback (status
-    reports from rank 0 only) and, for data-parallel workers, the agreed stop on SIGTERM."""
+    reports from rank 0 only) and the checkpoint cadence (periodic checkpoints within
+    CHECKPOINT_TIME_SHARE of the time; for data-parallel workers, the agreed stop on SIGTERM)."""
     tokenizer = ready.tokenizer
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id or 0
     reporter = StatusReporter.from_env() if worker.is_main else None
-    callbacks: list[Any] = [ProgressCallback(ready.plan, reporter)]
-    if worker.distributed:
-        callbacks.append(StopOnSigterm())
+    callbacks: list[Any] = [
+        ProgressCallback(ready.plan, reporter),
+        CheckpointCadence(CHECKPOINT_TIME_SHARE, distributed=worker.distributed),
+    ]
     return build_trainer(
         model=model,
         args=get_training_arguments(

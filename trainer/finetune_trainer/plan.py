@@ -50,7 +50,10 @@ RoPE scaling factor
 
 Checkpoints
     Every ceil(steps / 20) optimizer steps (at most 250 steps apart), so a restart loses at most
-    5% of the run; the final step is always saved; the 2 newest checkpoints are kept.
+    5% of the run, unless saving that often would take more than 1% of the time
+    (CHECKPOINT_TIME_SHARE): then periodic checkpoints are farther apart (cadence.py, measured
+    while training); the final step and a checkpoint on SIGTERM are always saved; the 2 newest
+    checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ AUTO_RECORDS_PER_ROPE_FACTOR = 25_000
 
 CHECKPOINTS_PER_RUN = 20
 MAX_SAVE_STEPS = 250
+CHECKPOINT_TIME_SHARE = 0.01  # the most of the time periodic checkpoints may take
 SAVE_TOTAL_LIMIT = 2
 LOG_POINTS_PER_RUN = 100
 

@@ -1,12 +1,9 @@
-"""The transformers TrainingArguments and Trainer for a Plan, and the callbacks: progress, and the
-agreed stop of data-parallel workers on SIGTERM."""
+"""The transformers TrainingArguments and Trainer for a Plan, and the progress callback (when
+checkpoints are written: cadence.py)."""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from types import FrameType
 from typing import Any
 
 from transformers import TrainerCallback, set_seed
@@ -47,7 +44,7 @@ def get_training_arguments(
     parameter used in every step, so DDP does not look for unused ones (as Safe Synthesizer sets
     it; the non-reentrant checkpointing works with DDP). transformers' own SIGTERM checkpoint
     (enable_jit_checkpoint) stops each process on its own, at steps that may differ; the workers
-    use StopOnSigterm instead."""
+    use cadence.CheckpointCadence instead."""
     from transformers import TrainingArguments
 
     validate = plan.validation_records > 0
@@ -145,46 +142,6 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.loss = float(entry["loss"])
         if "eval_loss" in entry:
             self.eval_loss = float(entry["eval_loss"])
-
-
-class StopOnSigterm(TrainerCallback):  # type: ignore[misc]
-    """SIGTERM during data-parallel training: every worker gets it (from the launcher), but not at
-    the same moment. Each one only notes it; after every optimizer step the workers all-reduce
-    (max) that note, so all of them save the same checkpoint and stop after the same step."""
-
-    def __init__(self) -> None:
-        self.signalled = False
-        self._previous: Any = None
-        self._installed = False
-
-    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        self.signalled = True
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-            self._installed = True
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.agreed(args.device) and state.global_step < state.max_steps:
-            log.warning("SIGTERM: saving a checkpoint at step %d and stopping", state.global_step)
-            control.should_save = True
-            control.should_training_stop = True
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False
-
-    def agreed(self, device: Any) -> bool:
-        """Whether any worker was signalled (a collective: every worker calls it each step)."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([int(self.signalled)], device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def _display(loss: float | None) -> float | None:
