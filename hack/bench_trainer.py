@@ -301,8 +301,8 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
     return [] if a == b else [f"{where}: project {a!r}, plain {b!r}"]
 
 
-def median(values: list[float]) -> float | None:
-    return round(statistics.median(values), 3) if values else None
+def median(values: list[float], digits: int = 3) -> float | None:
+    return round(statistics.median(values), digits) if values else None
 
 
 def summarize(runs: list[dict[str, Any]], warmup: int, tokens_per_step: int) -> dict[str, Any]:
@@ -327,7 +327,7 @@ def summarize(runs: list[dict[str, Any]], warmup: int, tokens_per_step: int) -> 
             "final_loss": median([r["final_loss"] for r in mine if r["final_loss"] is not None]),
             "wall_s": median([r["wall_s"] for r in mine]),
             "checkpoints": median([float(len(r["saves"])) for r in mine]),
-            "saving_share": median([r["saving_share"] for r in mine]),
+            "saving_share": median([r["saving_share"] for r in mine], 4),
         }
     project, plain = by_variant["project"], by_variant["plain"]
     unsaved = by_variant["project-no-checkpoints"]
