@@ -39,7 +39,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
-from bench_operator import proc_usage
+from bench_operator import image_allocator, proc_usage
 from finetune_api import ComputeCapability
 from finetune_operator.builders import job_name
 from gpusim import bind_hostpath_claim
@@ -312,7 +312,7 @@ def run(nodes: int, jobs: int, root: Path, timeout: float = 3600) -> dict[str, A
                 [sys.executable, "-m", "finetune_operator.main", "--namespace", "scale-*"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env={**env, **image_allocator()},  # as in the operator image
             )
             result |= burst(api, jobs, operator.pid, kwok.pid, timeout)
     finally:
